@@ -1,0 +1,19 @@
+"""lit_prune: remove whole decoder layers from Hugging Face causal LMs and heal what is left."""
+
+from lit_prune.components.gating import LayerGating
+from lit_prune.components.mask_io import MaskArtifact, load_mask, save_mask
+from lit_prune.components.surgery import drop_layers, endpoint_layers
+from lit_prune.data import PruneDataModule
+from lit_prune.stages import Evaluate, PruneStage
+
+__all__ = [
+    "Evaluate",
+    "LayerGating",
+    "MaskArtifact",
+    "PruneDataModule",
+    "PruneStage",
+    "drop_layers",
+    "endpoint_layers",
+    "load_mask",
+    "save_mask",
+]

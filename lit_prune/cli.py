@@ -1,0 +1,79 @@
+"""Command line: ``python -m lit_prune {fit,validate,test} -c CONFIG`` (LightningCLI), plus ``export`` and ``assets``.
+
+- ``fit|validate|test|predict``: LightningCLI; the stage is chosen by ``model.class_path`` and the model id is
+  linked once into ``data.tokenizer``.
+- ``export --model M --mask mask.json --out DIR``: apply a mask to a model and write a vanilla smaller checkpoint.
+- ``assets``: prepare the offline model and corpus and print where they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+
+from lit_prune.data import PruneDataModule
+from lit_prune.stages import PruneStage
+
+EXTRA_COMMANDS = ("export", "assets")
+
+
+class LitPruneCLI(LightningCLI):
+    """``python -m lit_prune {fit,validate,test} -c configs/<method>_<model>.yaml``."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # One checkpoint id feeds both the weights (model) and the tokenizer (data).
+        parser.link_arguments("model.init_args.pretrained", "data.tokenizer")
+
+
+def export_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m lit_prune export",
+        description="Apply a mask.json to a model and write the smaller model as a vanilla HF checkpoint.",
+    )
+    parser.add_argument("--model", required=True, help="Dense model: hub id, local folder, or offline:smollm2-135m.")
+    parser.add_argument("--mask", required=True, help="mask.json (from any method, or written by hand).")
+    parser.add_argument("--out", required=True, help="Output folder (must be empty or new).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty output folder.")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--allow-model-mismatch", action="store_true", help="Accept a mask made for another model id.")
+    args = parser.parse_args(argv)
+    from lit_prune.components.checkpoint import export_from_mask
+    from lit_prune.components.mask_io import load_mask
+
+    artifact = load_mask(args.mask)
+    out = export_from_mask(args.model, artifact, args.out, args.overwrite, args.dtype, args.allow_model_mismatch)
+    print(f"{artifact.describe()}\nwrote {out}")
+
+
+def assets_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m lit_prune assets", description="Prepare the offline model and corpus; print their paths."
+    )
+    parser.parse_args(argv)
+    from lit_prune.assets import corpus_folder, smollm2_folder
+
+    print(f"offline:smollm2-135m  {smollm2_folder()}")
+    print(f"offline corpora       {corpus_folder()}")
+
+
+def main(args: ArgsType = None) -> None:
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] in EXTRA_COMMANDS:
+        try:
+            {"export": export_main, "assets": assets_main}[argv[0]](argv[1:])
+        except (ValueError, FileExistsError, RuntimeError) as err:
+            # Input errors are the user's to fix: show the message, not a traceback.
+            if args is not None:
+                raise
+            sys.exit(f"error: {err}")
+        return
+    LitPruneCLI(
+        PruneStage,
+        PruneDataModule,
+        subclass_mode_model=True,
+        auto_configure_optimizers=False,
+        args=args,
+        parser_kwargs={"epilog": "Other commands: `python -m lit_prune export --help`, `python -m lit_prune assets`."},
+    )

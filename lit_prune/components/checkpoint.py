@@ -1,0 +1,69 @@
+"""Write a pruned model as a vanilla Hugging Face checkpoint (no remote code, no peft), atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from lit_prune.components.layers import num_decoder_layers, unwrap
+from lit_prune.components.mask_io import MaskArtifact, save_mask
+from lit_prune.components.surgery import drop_layers, prepare_output_dir, save_atomically
+
+
+def save_pruned(
+    model: nn.Module,
+    artifact: MaskArtifact,
+    out_dir: str | Path,
+    tokenizer=None,
+    overwrite: bool = False,
+) -> Path:
+    """Drop ``artifact.drop`` from ``model`` (in place) and save it with its tokenizer and ``mask.json``.
+
+    Args:
+        model: The dense model the mask was made for.
+        artifact: Which layers to drop.
+        out_dir: Destination folder; must be empty or new unless ``overwrite``.
+        tokenizer: Saved next to the weights so the folder is self-contained.
+        overwrite: Replace a non-empty ``out_dir``.
+    """
+    prepare_output_dir(out_dir, overwrite)
+    model = unwrap(model)
+    artifact.check_fits(num_decoder_layers(model))
+    drop_layers(model, artifact.drop)
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        save_mask(folder / "mask.json", artifact)
+
+    return save_atomically(out_dir, write, overwrite)
+
+
+def export_from_mask(
+    pretrained: str,
+    mask: str | Path | MaskArtifact,
+    out_dir: str | Path,
+    overwrite: bool = False,
+    dtype: str = "auto",
+    allow_model_mismatch: bool = False,
+) -> Path:
+    """Apply a mask artifact to a model id or folder and write the smaller checkpoint.
+
+    Everything that can be checked without weights (output folder, mask file, layer count, model id) is checked first,
+    so a bad input loads nothing and writes nothing.
+    """
+    from transformers import AutoTokenizer
+
+    from lit_prune.assets import resolve_pretrained
+    from lit_prune.components.mask_io import load_mask
+    from lit_prune.stages.base import load_causal_lm, load_config
+
+    prepare_output_dir(out_dir, overwrite)
+    artifact = mask if isinstance(mask, MaskArtifact) else load_mask(mask)
+    config = load_config(pretrained, key="--model")
+    artifact.check_fits(int(config.num_hidden_layers), pretrained, allow_model_mismatch)
+    model = load_causal_lm(pretrained, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(pretrained))
+    return save_pruned(model, artifact, out_dir, tokenizer=tokenizer, overwrite=overwrite)

@@ -1,0 +1,137 @@
+"""PruneStage: what every lit_prune LightningModule shares.
+
+- ``pretrained`` first (the CLI links it into ``data.tokenizer``); cheap checks with ``AutoConfig`` in ``__init__``,
+  weights loaded in ``configure_model`` (after callbacks have validated the run, and lazily for sharded strategies);
+- an injected optimizer factory (``OptimizerCallable``) over whatever the stage marks trainable;
+- ``val/loss`` and ``val/ppl`` on the validation split, so ``validate`` reports perplexity for any stage.
+
+Capabilities that reusable callbacks rely on are small Protocols, not concrete classes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor, nn
+
+from lit_prune.assets import resolve_pretrained
+from lit_prune.components.layers import check_supported
+from lit_prune.metrics import TokenPerplexity, shifted_token_nll
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+@runtime_checkable
+class Tempered(Protocol):
+    """Has a float ``temperature`` that a TemperatureSchedule may drive."""
+
+    temperature: float
+
+
+@runtime_checkable
+class TopKBudget(Protocol):
+    """Has an integer budget ``k`` (layers dropped now) and its final value ``k_target``."""
+
+    k: int
+    k_target: int
+
+
+def load_config(pretrained: str, key: str = "model.init_args.pretrained"):
+    """Read a model's config (no weights) and check the architecture is supported."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_pretrained(pretrained))
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"`{key}`={pretrained!r} is not a loadable model: {err}. Pass a hub id, a local folder with config.json, "
+            "or offline:smollm2-135m."
+        ) from None
+    check_supported(getattr(config, "model_type", None), source=f"`{key}`={pretrained!r}")
+    return config
+
+
+def load_causal_lm(pretrained: str, dtype: Dtype = "auto") -> nn.Module:
+    """Load a causal LM by id, folder or offline alias."""
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    return AutoModelForCausalLM.from_pretrained(resolve_pretrained(pretrained), dtype=torch_dtype)
+
+
+class PruneStage(L.LightningModule):
+    """Base of every lit_prune stage: loads one HF causal LM and reports validation perplexity.
+
+    Args:
+        pretrained: Hugging Face id, local folder, or ``offline:smollm2-135m``; also feeds ``data.tokenizer``.
+        dtype: Dtype the weights are loaded in (``auto`` keeps the checkpoint's).
+        optimizer: Optimizer factory applied to the trainable parameters.
+        gradient_checkpointing: Recompute layer activations in the backward pass to save memory.
+    """
+
+    def __init__(
+        self,
+        pretrained: str,
+        dtype: Dtype = "auto",
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        self.pretrained = pretrained
+        self.dtype_name = dtype
+        self.optimizer_factory = optimizer
+        self.gradient_checkpointing = gradient_checkpointing
+        self.config = load_config(pretrained)
+        self.model: nn.Module | None = None
+        self.val_ppl = TokenPerplexity()
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.model = load_causal_lm(self.pretrained, self.dtype_name)
+        if self.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.on_model_loaded()
+
+    def on_model_loaded(self) -> None:
+        """Hook for subclasses: freeze, gate, cut or wrap the freshly loaded model."""
+
+    def forward(self, input_ids: Tensor, **kwargs: Any) -> Tensor:
+        return self.model(input_ids=input_ids, use_cache=False, **kwargs).logits
+
+    def eval_logits(self, input_ids: Tensor) -> Tensor:
+        """Logits used for validation (subclasses evaluate their pruned view here)."""
+        return self(input_ids)
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        logits = self.eval_logits(batch["input_ids"])
+        nll, count = shifted_token_nll(logits, batch["labels"])
+        loss = nll / count.clamp(min=1)
+        self.val_ppl.update(logits, batch["labels"])
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val/ppl", self.val_ppl, prog_bar=True)
+        return loss
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        logits = self.eval_logits(batch["input_ids"])
+        nll, count = shifted_token_nll(logits, batch["labels"])
+        self.log("test/loss", nll / count.clamp(min=1), sync_dist=True)
+        return nll
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise RuntimeError(f"{type(self).__name__} has no trainable parameters to optimize.")
+        return self.optimizer_factory(params)
+
+    def freeze_model(self) -> None:
+        """Freeze every weight of the wrapped model (search stages train only their gates)."""
+        for param in self.model.parameters():
+            param.requires_grad_(False)
