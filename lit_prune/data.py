@@ -261,7 +261,7 @@ class PruneDataModule(L.LightningDataModule):
                 f"`data.val_fraction`={hp.val_fraction}. Add text, lower data.max_length or data.val_fraction."
             )
         train = blocks.select(range(len(blocks) - num_val))
-        val = blocks.select(range(len(blocks) - num_val, len(blocks)))
+        val = blocks.select(list(range(len(blocks) - num_val, len(blocks))))
         if hp.max_train_blocks is not None:
             train = train.select(range(min(hp.max_train_blocks, len(train))))
         if hp.max_val_blocks is not None:

@@ -1,0 +1,94 @@
+import json
+
+import pytest
+import torch
+
+from lit_prune.data import DataConfigError, PruneDataModule, expand_text_files
+
+
+def _dm(tiny_checkpoint, **kwargs):
+    kwargs.setdefault("max_length", 32)
+    kwargs.setdefault("batch_size", 2)
+    return PruneDataModule(tokenizer=str(tiny_checkpoint), **kwargs)
+
+
+def test_text_blocks_split_and_batches(tiny_checkpoint, tiny_text, tmp_path):
+    dm = _dm(tiny_checkpoint, text_files=[str(tiny_text)], val_fraction=0.25, cache_dir=str(tmp_path / "c"))
+    dm.setup("fit")
+    total = len(dm.train_set) + len(dm.val_set)
+    num_chars = len(tiny_text.read_text())
+    # The char tokenizer gives one token per character, plus BOS-free tokenization and one EOS per document.
+    assert total == (num_chars + 1) // 32
+    assert len(dm.val_set) == round(total * 0.25)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape == (2, 32) and batch["input_ids"].dtype == torch.long
+    assert torch.equal(batch["input_ids"], batch["labels"])
+    # The validation blocks are the tail of the token stream, in order.
+    val_ids = torch.cat([b["input_ids"].flatten() for b in dm.val_dataloader()])
+    tok = dm.tokenizer
+    text = "".join(tok.convert_ids_to_tokens(val_ids.tolist()))
+    assert text in tiny_text.read_text()
+
+
+def test_split_and_shuffle_are_deterministic(tiny_checkpoint, tiny_text):
+    first = _dm(tiny_checkpoint, text_files=[str(tiny_text)], seed=3)
+    second = _dm(tiny_checkpoint, text_files=[str(tiny_text)], seed=3)
+    first.setup(), second.setup()
+    a = next(iter(first.train_dataloader()))["input_ids"]
+    b = next(iter(second.train_dataloader()))["input_ids"]
+    assert torch.equal(a, b)
+
+
+def test_instruction_records_mask_the_prompt(tiny_checkpoint, tmp_path):
+    path = tmp_path / "alpaca.jsonl"
+    rows = [{"instruction": f"Say {i}", "input": "", "output": f"Answer number {i}."} for i in range(40)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    dm = _dm(tiny_checkpoint, text_files=[str(path)], prompt_field="instruction", input_field="input",
+             response_field="output", val_fraction=0.0)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    masked = batch["labels"] == -100
+    assert masked.any() and (~masked).any()
+    assert torch.equal(batch["labels"][~masked], batch["input_ids"][~masked])
+    assert dm.val_dataloader() == []
+
+
+def test_parquet_source(tiny_checkpoint, tmp_path, tiny_text):
+    import datasets
+
+    path = tmp_path / "data.parquet"
+    datasets.Dataset.from_dict({"body": [tiny_text.read_text()] * 2}).to_parquet(path)
+    dm = _dm(tiny_checkpoint, text_files=[str(path)], text_field="body")
+    dm.setup()
+    assert len(dm.train_set) > 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(text_files=["/nonexistent/*.txt"]), "matches no file"),
+        (dict(), "exactly one of"),
+        (dict(text_files=["x"], dataset="wikitext"), "exactly one of"),
+        (dict(text_files=["{text}"], prompt_field="q"), "both `data.prompt_field`"),
+        (dict(text_files=["{text}"], max_length=0), "data.max_length"),
+        (dict(text_files=["{text}"], val_fraction=1.0), "data.val_fraction"),
+    ],
+)
+def test_bad_config_is_rejected_at_construction(tiny_checkpoint, tiny_text, kwargs, message):
+    kwargs = {k: ([str(tiny_text)] if v == ["{text}"] else v) for k, v in kwargs.items()}
+    with pytest.raises(DataConfigError, match=message):
+        PruneDataModule(tokenizer=str(tiny_checkpoint), **kwargs)
+
+
+def test_missing_field_empty_and_too_long(tiny_checkpoint, tiny_text, tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"content": "hello"}) + "\n")
+    with pytest.raises(DataConfigError, match=r"no column\(s\) \['text'\].*Available columns: \['content'\]"):
+        _dm(tiny_checkpoint, text_files=[str(path)]).setup()
+    with pytest.raises(DataConfigError, match="fewer than one block"):
+        _dm(tiny_checkpoint, text_files=[str(path)], text_field="content").setup()
+    with pytest.raises(DataConfigError, match="longer than the model's context"):
+        _dm(tiny_checkpoint, text_files=[str(tiny_text)], max_length=4096).setup()
+    with pytest.raises(DataConfigError, match="suffixes"):
+        (tmp_path / "a.csv").write_text("x")
+        expand_text_files([str(tmp_path / "a.csv")])
