@@ -58,7 +58,7 @@ def assets_main(argv: list[str]) -> None:
     print(f"offline corpora       {corpus_folder()}")
 
 
-def main(args: ArgsType = None) -> None:
+def main(args: ArgsType = None) -> LitPruneCLI | None:
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] in EXTRA_COMMANDS:
         try:
@@ -68,12 +68,14 @@ def main(args: ArgsType = None) -> None:
             if args is not None:
                 raise
             sys.exit(f"error: {err}")
-        return
-    LitPruneCLI(
+        return None
+    return LitPruneCLI(
         PruneStage,
         PruneDataModule,
         subclass_mode_model=True,
         auto_configure_optimizers=False,
         args=args,
+        # Runs with a logger get their own version folder; without one, re-runs would otherwise refuse to start.
+        save_config_kwargs={"overwrite": True},
         parser_kwargs={"epilog": "Other commands: `python -m lit_prune export --help`, `python -m lit_prune assets`."},
     )
