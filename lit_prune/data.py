@@ -23,7 +23,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from lit_prune.assets import is_offline_name, resolve_pretrained, resolve_text_source
 
@@ -269,21 +269,49 @@ class PruneDataModule(L.LightningDataModule):
         self.train_set, self.val_set = train, val
 
     # ---------------------------------------------------------------- loaders
-    def _loader(self, data, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
+    def _loader(self, data, sampler: Sampler | None = None) -> DataLoader:
         return DataLoader(
-            data, batch_size=self.hparams.batch_size, shuffle=shuffle, generator=generator,
+            data, batch_size=self.hparams.batch_size, sampler=sampler, shuffle=False,
             num_workers=self.hparams.num_workers, collate_fn=collate_blocks, drop_last=False,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        sampler = EpochShuffleSampler(len(self.train_set), self.hparams.seed)
+        trainer = self.trainer  # None outside a Trainer
+        if trainer is not None and trainer.fit_loop.restarting:
+            # Resuming: replay the same permutations and skip the batches the restored run already consumed.
+            # Counted from total batches, since Lightning marks an epoch stopped by max_steps as processed.
+            consumed = trainer.fit_loop.epoch_loop.batch_progress.total.completed
+            per_epoch = -(-len(self.train_set) // self.hparams.batch_size)
+            sampler.epoch, skip_batches = divmod(consumed, per_epoch)
+            sampler.skip = skip_batches * self.hparams.batch_size
+        return self._loader(self.train_set, sampler)
 
     def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.val_set, shuffle=False) if len(self.val_set) else []
+        return self._loader(self.val_set) if len(self.val_set) else []
 
     def test_dataloader(self) -> DataLoader | list:
         return self.val_dataloader()
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """One seeded permutation per pass, counted by the sampler itself, so a resumed run sees the same batches.
+
+    It has no ``set_epoch`` on purpose: the epoch is the number of completed passes, restored from the trainer's
+    batch count on resume, not Lightning's epoch counter.
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch, self.skip = size, seed, 0, 0
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        skip, self.skip = self.skip, 0
+        self.epoch += 1
+        return iter(order[skip:])
+
+    def __len__(self) -> int:
+        return self.size
 
 
 def collate_blocks(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -2,5 +2,6 @@
 
 from lit_prune.stages.base import PruneStage, Tempered, TopKBudget
 from lit_prune.stages.evaluate import Evaluate
+from lit_prune.stages.mask_search import MaskSearch
 
-__all__ = ["Evaluate", "PruneStage", "Tempered", "TopKBudget"]
+__all__ = ["Evaluate", "MaskSearch", "PruneStage", "Tempered", "TopKBudget"]

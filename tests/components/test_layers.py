@@ -1,8 +1,8 @@
 import pytest
 import torch
+from conftest import TINY_CONFIGS, TINY_NUM_LAYERS, tiny_model
 from torch import nn
 
-from conftest import TINY_CONFIGS, TINY_NUM_LAYERS, tiny_model
 from lit_prune.components.layers import (
     UnsupportedArchitectureError,
     attention_layer_indices,

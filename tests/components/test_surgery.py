@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import TINY_CONFIGS, TINY_NUM_LAYERS, tiny_model
+
 from lit_prune.components.gating import LayerGating
 from lit_prune.components.layers import attention_layer_indices, decoder_layers
 from lit_prune.components.surgery import contiguous_segments, drop_layers, endpoint_layers, validate_drop

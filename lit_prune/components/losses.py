@@ -1,0 +1,78 @@
+"""Distribution-matching losses over next-token distributions, per token so callers can weight or mask them."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Direction = Literal["forward", "reverse"]
+
+
+def token_kl(
+    teacher_logits: Tensor, student_logits: Tensor, direction: Direction = "forward", temperature: float = 1.0
+) -> Tensor:
+    """Per-token KL divergence between teacher and student next-token distributions.
+
+    ``forward`` is KL(teacher || student) (mode-covering, the usual KD loss); ``reverse`` is KL(student || teacher).
+
+    Args:
+        teacher_logits: ``[batch, seq, vocab]``.
+        student_logits: ``[batch, seq, vocab]``.
+        direction: Which KL.
+        temperature: Both distributions are softened by it (logits / temperature).
+
+    Returns:
+        ``[batch, seq]`` KL in nats, float32.
+    """
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    if direction == "forward":
+        return (t.exp() * (t - s)).sum(-1)
+    if direction == "reverse":
+        return (s.exp() * (s - t)).sum(-1)
+    raise ValueError(f"`direction` must be 'forward' or 'reverse', got {direction!r}.")
+
+
+def token_entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Per-token entropy (nats) of ``softmax(logits / temperature)``: ``[batch, seq, vocab] -> [batch, seq]``."""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean of ``values`` where ``mask`` is true (all of them when mask is None); 0 when nothing is selected."""
+    if mask is None:
+        return values.mean()
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def next_token_ce(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Mean next-token cross-entropy (labels aligned with inputs; shifted here)."""
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1), ignore_index=ignore_index
+    )
+
+
+def kl_loss(
+    teacher_logits: Tensor,
+    student_logits: Tensor,
+    labels: Tensor | None = None,
+    direction: Direction = "forward",
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+) -> Tensor:
+    """Mean token KL over the positions that predict a scored label (all positions when ``labels`` is None).
+
+    Scaled by ``temperature**2`` so gradient magnitudes do not shrink as the temperature grows (Hinton et al.).
+    """
+    kl = token_kl(teacher_logits, student_logits, direction, temperature)
+    mask = None
+    if labels is not None:
+        # Position t predicts token t+1; the last position predicts nothing known.
+        mask = torch.zeros_like(labels, dtype=torch.bool)
+        mask[:, :-1] = labels[:, 1:] != ignore_index
+    return masked_mean(kl, mask) * temperature**2

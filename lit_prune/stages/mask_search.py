@@ -1,0 +1,260 @@
+"""MaskSearch: learn which decoder layers to drop, with the base weights frozen and only a gate trained.
+
+One training step on a batch ``x``::
+
+    with no_grad, gates open:   p_T = softmax(model(x))          # dense teacher = the same weights, no copy
+    g = gate()                   # [num_layers] in [0, 1]: ConcaveGate (CLP) notch or GumbelTopKGate (E3) k-hot
+    gates = g:                   p_S = softmax(model(x))          # h_out = h + g_l (F_l(h) - h) per layer
+    loss = KL(p_T || p_S) [+ ce_weight * CE(p_S, x)]            # direction configurable
+
+Validation evaluates the *hard* mask the gate would export now: ``val/kl`` against the dense model and ``val/ppl``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor
+
+from lit_prune.assets import canonical_model_id
+from lit_prune.components.checkpoint import save_pruned
+from lit_prune.components.gates import ConcaveGate, GumbelTopKGate, LayerGate, logits_from_importance
+from lit_prune.components.gating import LayerGating
+from lit_prune.components.losses import Direction, kl_loss, next_token_ce
+from lit_prune.components.mask_io import MaskArtifact
+from lit_prune.metrics import TokenPerplexity
+from lit_prune.stages.base import Dtype, PruneStage
+
+METHOD_NAMES = {ConcaveGate: "clp", GumbelTopKGate: "e3"}
+
+
+def num_drop_from(ratio: float | None, num_drop: int | None, num_layers: int, pretrained: str) -> int:
+    """Resolve the layer budget from ``ratio`` or ``num_drop`` (exactly one), with errors in config keys."""
+    if (ratio is None) == (num_drop is None):
+        raise ValueError(
+            "Set exactly one of `model.init_args.ratio` (fraction of decoder layers to drop) and "
+            f"`model.init_args.num_drop` (a layer count); got ratio={ratio}, num_drop={num_drop}."
+        )
+    if ratio is not None:
+        if not 0.0 < ratio < 1.0:
+            raise ValueError(f"`model.init_args.ratio` must be in (0, 1), got {ratio}. E.g. 0.25 drops a quarter.")
+        num_drop = round(ratio * num_layers)
+        if num_drop < 1:
+            raise ValueError(
+                f"`model.init_args.ratio`={ratio} drops round({ratio} * {num_layers}) = 0 layers of {pretrained!r}. "
+                f"Use a ratio >= {0.5 / num_layers:.3f}."
+            )
+    if not 1 <= num_drop <= num_layers - 1:
+        raise ValueError(
+            f"`model.init_args.num_drop` must be in [1, {num_layers - 1}] for {pretrained!r} ({num_layers} decoder "
+            f"layers), got {num_drop}."
+        )
+    return num_drop
+
+
+class MaskSearch(PruneStage):
+    """Learn which decoder layers to drop with a differentiable per-layer gate; the model's weights stay frozen.
+
+    Args:
+        pretrained: Hugging Face id, local folder, or ``offline:smollm2-135m``; also feeds ``data.tokenizer``.
+        gate: Gate factory, called with ``(num_layers, num_drop)``: ``lit_prune.ConcaveGate`` (CLP) or
+            ``lit_prune.GumbelTopKGate`` (E3).
+        ratio: Fraction of decoder layers to drop (``round(ratio * num_layers)``); or set ``num_drop``.
+        num_drop: Number of decoder layers to drop; overrides ``ratio`` when ``ratio`` is null.
+        kl_direction: ``forward`` = KL(dense || gated), ``reverse`` = KL(gated || dense).
+        ce_weight: Weight of an extra next-token cross-entropy term on the gated model (0 = pure KL).
+        importance_init: ``kl`` initialises GumbelTopKGate logits from per-layer KL importance (skip one layer,
+            measure the output KL) on ``importance_batches`` training batches; ``none`` keeps the gate's own init.
+        importance_batches: Calibration batches used by ``importance_init``.
+        importance_scale: Scale of the standardized log-importance logits.
+        method: Name recorded in mask.json (default: ``clp`` for ConcaveGate, ``e3`` for GumbelTopKGate).
+        dtype: Dtype the frozen weights are loaded in (bfloat16 halves memory; the gate stays float32).
+        optimizer: Optimizer factory for the gate parameters.
+        gradient_checkpointing: Recompute layer activations in the backward pass to save memory.
+    """
+
+    def __init__(
+        self,
+        pretrained: str,
+        gate: Callable[[int, int], LayerGate],
+        ratio: float | None = 0.25,
+        num_drop: int | None = None,
+        kl_direction: Direction = "forward",
+        ce_weight: float = 0.0,
+        importance_init: Literal["none", "kl"] = "none",
+        importance_batches: int = 2,
+        importance_scale: float = 1.0,
+        method: str | None = None,
+        dtype: Dtype = "auto",
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__(pretrained, dtype=dtype, optimizer=optimizer, gradient_checkpointing=gradient_checkpointing)
+        if num_drop is not None and ratio is not None:
+            ratio = None  # an explicit count wins over the default ratio
+        self.num_drop = num_drop_from(ratio, num_drop, self.num_layers, pretrained)
+        if ce_weight < 0:
+            raise ValueError(f"`model.init_args.ce_weight` must be >= 0, got {ce_weight}.")
+        if importance_batches < 1:
+            raise ValueError(f"`model.init_args.importance_batches` must be >= 1, got {importance_batches}.")
+        # The gate is tiny: building it here validates protected layers and segments before any weight loads.
+        self.gate = gate(self.num_layers, self.num_drop)
+        if importance_init == "kl" and not hasattr(self.gate, "logits"):
+            raise ValueError(
+                f"`model.init_args.importance_init`='kl' sets per-layer logits, which {type(self.gate).__name__} "
+                "does not have. Use GumbelTopKGate, or importance_init: none."
+            )
+        self.kl_direction = kl_direction
+        self.ce_weight = ce_weight
+        self.importance_init = importance_init
+        self.importance_batches = importance_batches
+        self.importance_scale = importance_scale
+        self.method = method or METHOD_NAMES.get(type(self.gate), type(self.gate).__name__.lower())
+        self.register_buffer("importance_done", torch.tensor(False))
+        self.gating: LayerGating | None = None
+        self.val_dense_ppl = TokenPerplexity()
+        # Frozen weights are reloaded from `pretrained`; checkpoints keep only what trains.
+        self.strict_loading = False
+
+    # ------------------------------------------------------------ capabilities for reusable callbacks
+    @property
+    def temperature(self) -> float:
+        return self.gate.temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        self.gate.temperature = value
+
+    def __getattr__(self, name: str) -> Any:
+        # `k` / `k_target` exist only for budgeted gates, so hasattr() tells TopKAnnealing the truth.
+        if name in ("k", "k_target"):
+            gate = self._modules.get("gate")
+            if gate is not None and hasattr(gate, name):
+                return getattr(gate, name)
+        return super().__getattr__(name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "k" and "gate" in self._modules and hasattr(self._modules["gate"], "k"):
+            self._modules["gate"].k = value
+            return
+        super().__setattr__(name, value)
+
+    def layer_gate_values(self) -> Tensor:
+        """Deterministic gate view ``[num_layers]`` in [0, 1] for monitoring."""
+        return self.gate.keep_probabilities().detach().float().cpu()
+
+    def current_drop(self) -> list[int]:
+        """Layers the hard mask drops right now."""
+        return self.gate.drop_indices()
+
+    def mask_artifact(self) -> MaskArtifact:
+        """The search result as the mask.json contract."""
+        extra: dict[str, Any] = {"gate": type(self.gate).__name__, "kl_direction": self.kl_direction}
+        metrics = self.trainer.callback_metrics if self._trainer is not None else {}
+        for key in ("val/kl", "val/ppl", "val/dense_ppl"):
+            if key in metrics:
+                extra[key] = float(metrics[key])
+        return MaskArtifact(
+            model=canonical_model_id(self.pretrained), num_layers=self.num_layers, drop=self.gate.drop_indices(),
+            method=self.method, scores=self.gate.scores(), extra=extra,
+        )
+
+    def save_pruned_model(self, out_dir: str, overwrite: bool = False) -> None:
+        """Hard-prune the searched model and save it (the module holds the pruned model afterwards)."""
+        from transformers import AutoTokenizer
+
+        from lit_prune.assets import resolve_pretrained
+
+        artifact = self.mask_artifact()
+        self.gating.remove()
+        tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(self.pretrained))
+        save_pruned(self.model, artifact, out_dir, tokenizer=tokenizer, overwrite=overwrite)
+
+    # ------------------------------------------------------------ model
+    def on_model_loaded(self) -> None:
+        self.freeze_model()
+        self.gating = LayerGating(self.model)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.model is not None and not self.gradient_checkpointing:
+            # The frozen LM is evaluated, not trained: no dropout. (HF checkpointing needs train mode.)
+            self.model.eval()
+        return self
+
+    def on_train_start(self) -> None:
+        if self.importance_init == "kl" and not bool(self.importance_done):
+            self._init_from_kl_importance()
+
+    def _init_from_kl_importance(self) -> None:
+        from lit_prune.components.scorers import kl_importance
+
+        batches = []
+        for batch in self.trainer.train_dataloader:
+            batches.append(batch["input_ids"].to(self.device))
+            if len(batches) == self.importance_batches:
+                break
+        importance = kl_importance(self.model, self.gating, batches)
+        with torch.no_grad():
+            self.gate.logits.copy_(logits_from_importance(importance, self.importance_scale).to(self.gate.logits))
+        self.importance_done.fill_(True)
+        self.print(f"KL importance per layer: {[round(v, 4) for v in importance]}")
+
+    # ------------------------------------------------------------ steps
+    def _teacher_logits(self, input_ids: Tensor) -> Tensor:
+        with torch.no_grad(), self.gating.opened():
+            return self.model(input_ids=input_ids, use_cache=False).logits
+
+    def _gated_logits(self, input_ids: Tensor, gates: Tensor) -> Tensor:
+        self.gating.set(gates)
+        try:
+            return self.model(input_ids=input_ids, use_cache=False).logits
+        finally:
+            self.gating.set(None)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        input_ids, labels = batch["input_ids"], batch["labels"]
+        teacher = self._teacher_logits(input_ids)
+        student = self._gated_logits(input_ids, self.gate())
+        kl = kl_loss(teacher, student, labels=None, direction=self.kl_direction)
+        loss = kl
+        logs = {"train/kl": kl}
+        if self.ce_weight > 0:
+            ce = next_token_ce(student, labels)
+            loss = loss + self.ce_weight * ce
+            logs["train/ce"] = ce
+        self.log("train/loss", loss, prog_bar=True)
+        self.log_dict(logs)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if hasattr(self.gate, "clamp_"):
+            self.gate.clamp_()  # keep segment starts feasible after the optimizer step
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        input_ids, labels = batch["input_ids"], batch["labels"]
+        teacher = self._teacher_logits(input_ids)
+        with torch.no_grad():
+            hard = self.gate.hard_mask().to(device=input_ids.device, dtype=torch.float32)
+            student = self._gated_logits(input_ids, hard)
+        kl = kl_loss(teacher, student, labels=None, direction=self.kl_direction)
+        self.val_ppl.update(student, labels)
+        self.val_dense_ppl.update(teacher, labels)
+        self.log("val/kl", kl, prog_bar=True, sync_dist=True)
+        self.log("val/ppl", self.val_ppl, prog_bar=True)
+        self.log("val/dense_ppl", self.val_dense_ppl)
+        return kl
+
+    def eval_logits(self, input_ids: Tensor) -> Tensor:
+        hard = self.gate.hard_mask().to(device=input_ids.device, dtype=torch.float32)
+        return self._gated_logits(input_ids, hard)
+
+    def configure_optimizers(self):
+        return self.optimizer_factory(self.gate.parameters())
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Keep the gate and buffers; the frozen model is reloaded from `pretrained` (a 70B checkpoint would be 140 GB).
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("model.")}

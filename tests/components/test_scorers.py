@@ -1,0 +1,368 @@
+"""Baseline layer selectors: each against a brute-force or direct reference, and on models with known identity layers.
+
+A Llama decoder layer with zeroed ``o_proj`` and ``down_proj`` weights adds exactly zero to the residual stream, so it
+is an exact identity: every sensible selector must find it first.
+"""
+
+import math
+
+import pytest
+import torch
+from conftest import TINY_NUM_LAYERS, tiny_model
+
+from lit_prune.components.gating import LayerGating
+from lit_prune.components.layers import decoder_layers
+from lit_prune.components.scorers import (
+    SCORERS,
+    LayerSelection,
+    angular_distance_window,
+    block_influence,
+    candidate_layers,
+    drop_tail,
+    kl_importance,
+    kl_importance_selection,
+    output_kl,
+    random_layers,
+    score,
+    sleb,
+    teacher_logits_for,
+    window_scan,
+)
+
+L = TINY_NUM_LAYERS
+
+
+def _batches(num: int = 2, batch: int = 2, seq: int = 10, seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 90, (batch, seq), generator=generator) for _ in range(num)]
+
+
+def _identity_llama(identity_layers=(), seed: int = 0):
+    model = tiny_model("llama", seed=seed)
+    with torch.no_grad():
+        for index in identity_layers:
+            layer = decoder_layers(model)[index]
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    return model
+
+
+def _boundary_states(model, input_ids) -> list[torch.Tensor]:
+    """``[h_0, ..., h_L]``: output_hidden_states for the first L, a hook for the raw output of the last layer."""
+    captured = {}
+
+    def hook(module, args, output):
+        captured["last"] = output[0] if isinstance(output, tuple) else output
+
+    handle = decoder_layers(model)[-1].register_forward_hook(hook)
+    with torch.no_grad():
+        hidden = model(input_ids=input_ids, output_hidden_states=True, use_cache=False).hidden_states
+    handle.remove()
+    return [*hidden[:-1], captured["last"]]
+
+
+def _reference_kl(model, keep, batches) -> float:
+    """Mean token KL(dense || masked), written out as sum_v p (log p - log q)."""
+    gating = LayerGating(model)
+    per_token = []
+    with torch.no_grad():
+        for ids in batches:
+            dense = torch.log_softmax(model(input_ids=ids).logits.double(), -1)
+            gating.set_mask(keep)
+            masked = torch.log_softmax(model(input_ids=ids).logits.double(), -1)
+            gating.set(None)
+            per_token.append((dense.exp() * (dense - masked)).sum(-1).flatten())
+    gating.remove()
+    return torch.cat(per_token).mean().item()
+
+
+def _reference_ppl(model, batches) -> float:
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for ids in batches:
+            logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1].double(), -1)
+            nll -= logp.gather(-1, ids[:, 1:, None]).sum().item()
+            count += ids[:, 1:].numel()
+    return math.exp(nll / count)
+
+
+def test_identity_layer_is_exact():
+    # Everything below relies on it.
+    model = _identity_llama([2])
+    states = _boundary_states(model, _batches(1)[0])
+    assert torch.equal(states[2], states[3])
+    assert not torch.allclose(states[1], states[2])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Output KL and window scan
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_output_kl_zero_dense_positive_dropped_and_matches_reference(model_type):
+    model = tiny_model(model_type)
+    gating = LayerGating(model)
+    batches = _batches()
+    teacher = teacher_logits_for(model, gating, batches)
+    assert [t.device.type for t in teacher] == ["cpu"] * len(batches)
+    assert all(t.dtype == torch.float32 for t in teacher)
+
+    assert output_kl(model, gating, batches, None, teacher) == 0.0
+    assert output_kl(model, gating, batches, [True] * L, teacher) == 0.0
+    keep = [i != 2 for i in range(L)]
+    forward = output_kl(model, gating, batches, keep, teacher)
+    assert forward > 1e-6
+    assert forward == pytest.approx(_reference_kl(model, keep, batches), rel=1e-4)
+    # Teacher computed on the fly gives the same number.
+    assert output_kl(model, gating, batches, keep) == pytest.approx(forward, rel=1e-6)
+    reverse = output_kl(model, gating, batches, keep, teacher, direction="reverse")
+    assert reverse > 1e-6 and reverse != pytest.approx(forward, rel=1e-3)
+    with pytest.raises(ValueError, match="direction"):
+        output_kl(model, gating, batches, keep, teacher, direction="sideways")
+
+
+def test_window_scan_is_the_brute_force_optimum():
+    model = tiny_model("llama", seed=1)
+    gating = LayerGating(model)
+    batches = _batches()
+    num_drop, protect_first, protect_last = 2, 1, 1
+    selection = window_scan(model, gating, batches, num_drop, protect_first, protect_last)
+
+    brute = {}
+    for start in range(protect_first, L - protect_last - num_drop + 1):
+        keep = [not start <= i < start + num_drop for i in range(L)]
+        brute[start] = _reference_kl(model, keep, batches)
+    window_kl = selection.details["window_kl"]
+    assert sorted(window_kl) == sorted(brute)
+    for start, kl in brute.items():
+        assert window_kl[start] == pytest.approx(kl, rel=1e-4)
+    best = min(brute, key=brute.get)
+    assert selection.drop == [best, best + 1]
+    assert selection.details["best_kl"] == min(window_kl.values())
+    assert selection.method == "window_scan"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Hidden-state selectors
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_block_influence_matches_direct_computation(model_type):
+    model = tiny_model(model_type)
+    batches = _batches()
+    selection = block_influence(model, batches, num_drop=2)
+
+    cos_sums, tokens = torch.zeros(L, dtype=torch.float64), 0
+    for ids in batches:
+        states = [h.double().flatten(0, 1) for h in _boundary_states(model, ids)]
+        for layer in range(L):
+            cos_sums[layer] += torch.cosine_similarity(states[layer], states[layer + 1], dim=-1).sum()
+        tokens += ids.numel()
+    expected = (1 - cos_sums / tokens).tolist()
+    assert selection.scores == pytest.approx(expected, abs=1e-5)
+    assert selection.drop == sorted(sorted(range(L), key=expected.__getitem__)[:2])
+    assert selection.method == "block_influence"
+
+
+def test_block_influence_last_layer_is_not_measured_after_the_final_norm():
+    # GPT-2's final LayerNorm changes the direction of h_L, so using hidden_states[-1] would give another BI.
+    model = tiny_model("gpt2")
+    ids = _batches(1)[0]
+    selection = block_influence(model, [ids], num_drop=1)
+    with torch.no_grad():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+    normed_bi = 1 - torch.cosine_similarity(hidden[-2], hidden[-1], dim=-1).mean().item()
+    assert abs(selection.scores[-1] - normed_bi) > 1e-3
+
+
+def test_block_influence_drops_identity_layer_first():
+    model = _identity_llama([3])
+    selection = block_influence(model, _batches(), num_drop=1)
+    assert selection.drop == [3]
+    assert selection.scores[3] < 1e-6
+    assert min(s for i, s in enumerate(selection.scores) if i != 3) > 1e-3
+
+
+def test_angular_picks_identity_window_and_matches_direct_computation():
+    model = _identity_llama([2, 3])
+    batches = _batches()
+    selection = angular_distance_window(model, batches, num_drop=2)
+    assert selection.drop == [2, 3]
+    assert selection.method == "angular"
+
+    distances = selection.details["window_distance"]
+    assert sorted(distances) == list(range(L - 1))
+    assert distances[2] < 1e-6
+    sums, tokens = torch.zeros(L - 1, dtype=torch.float64), 0
+    for ids in batches:
+        states = [h.double().flatten(0, 1) for h in _boundary_states(model, ids)]
+        for start in range(L - 1):
+            cos = torch.cosine_similarity(states[start], states[start + 2], dim=-1).clamp(-1, 1)
+            sums[start] += (torch.arccos(cos) / math.pi).sum()
+        tokens += ids.numel()
+    expected = (sums / tokens).tolist()
+    for start in range(L - 1):
+        if start != 2:  # arccos is ill-conditioned at cos ~ 1; checked against 0 above
+            assert distances[start] == pytest.approx(expected[start], abs=1e-5)
+            assert distances[start] > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SLEB and KL importance
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_sleb_removes_identity_layers_first_with_unchanged_ppl():
+    model = _identity_llama([1, 4])
+    gating = LayerGating(model)
+    batches = _batches()
+    selection = sleb(model, gating, batches, num_drop=3)
+    order, ppl = selection.details["order"], selection.details["ppl"]
+    dense_ppl = selection.details["dense_ppl"]
+    assert sorted(order[:2]) == [1, 4]
+    assert ppl[:2] == pytest.approx([dense_ppl, dense_ppl], rel=1e-6)
+    assert selection.drop == sorted(order)
+    assert dense_ppl == pytest.approx(_reference_ppl(model, batches), rel=1e-5)
+    # The greedy step really is the argmin of the candidates' ppl, each matching a manual evaluation.
+    for step, candidates in enumerate(selection.details["candidate_ppl"]):
+        assert order[step] == min(candidates, key=candidates.get)
+        assert set(candidates) == set(range(L)) - set(order[:step])
+    first_step = selection.details["candidate_ppl"][0]
+    gating.set_mask([i != 0 for i in range(L)])
+    assert first_step[0] == pytest.approx(_reference_ppl(model, batches), rel=1e-5)
+    gating.set(None)
+    # Scores rank the removal order: first removed lowest, kept layers highest.
+    kept = [i for i in range(L) if i not in order]
+    assert sorted(range(L), key=selection.scores.__getitem__)[:3] == order
+    assert all(selection.scores[i] > max(selection.scores[j] for j in order) for i in kept)
+
+
+def test_kl_importance_identity_layers_are_zero_and_dropped():
+    model = _identity_llama([1, 4])
+    gating = LayerGating(model)
+    batches = _batches()
+    importance = kl_importance(model, gating, batches)
+    assert len(importance) == L
+    assert importance[1] == 0.0 and importance[4] == 0.0
+    assert min(importance[i] for i in (0, 2, 3, 5)) > 1e-6
+    assert importance[2] == pytest.approx(_reference_kl(model, [i != 2 for i in range(L)], batches), rel=1e-4)
+    selection = kl_importance_selection(model, gating, batches, num_drop=2)
+    assert selection.drop == [1, 4]
+    assert selection.scores == importance
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data-free selectors
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("num_drop", "protect_first", "protect_last", "expected"),
+    [(2, 0, 1, [3, 4]), (2, 0, 0, [4, 5]), (3, 1, 2, [1, 2, 3]), (1, 0, 3, [2])],
+)
+def test_drop_tail(num_drop, protect_first, protect_last, expected):
+    selection = drop_tail(L, num_drop, protect_last=protect_last, protect_first=protect_first)
+    assert selection.drop == expected
+    assert selection.keep_mask(L) == [i not in expected for i in range(L)]
+
+
+def test_tail_through_score_keeps_the_final_layer_by_default():
+    model = tiny_model("llama")
+    assert score("tail", model, None, [], 2).drop == [3, 4]
+    assert score("tail", model, None, [], 2, protect_last=0).drop == [4, 5]
+
+
+def test_random_is_seed_deterministic_and_respects_protection():
+    draws = {seed: random_layers(12, 4, seed=seed, protect_first=2, protect_last=3).drop for seed in range(8)}
+    assert random_layers(12, 4, seed=3, protect_first=2, protect_last=3).drop == draws[3]
+    assert len({tuple(d) for d in draws.values()}) > 1
+    for drop in draws.values():
+        assert drop == sorted(set(drop)) and len(drop) == 4
+        assert all(2 <= i < 9 for i in drop)
+    state = torch.random.get_rng_state()
+    random_layers(12, 4, seed=0)
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Uniform interface: protection, validation, state restoration
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(SCORERS))
+def test_protected_layers_are_never_dropped(name):
+    # The identity layers sit in the protected ends, where any selector that ignored protection would look first.
+    model = _identity_llama([0, 5])
+    selection = score(name, model, None, _batches(), num_drop=2, protect_first=1, protect_last=1, seed=0)
+    assert isinstance(selection, LayerSelection)
+    assert selection.method == name
+    assert len(selection.drop) == 2 and selection.drop == sorted(set(selection.drop))
+    assert all(1 <= i <= 4 for i in selection.drop)
+    if selection.scores is not None:
+        assert len(selection.scores) == L
+
+
+@pytest.mark.parametrize("name", sorted(SCORERS))
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(num_drop=0), r"`num_drop` must be an integer in \[1, 5\].*got 0"),
+        (dict(num_drop=6), r"`num_drop` must be an integer in \[1, 5\].*got 6"),
+        (dict(num_drop=4, protect_first=1, protect_last=2), r"`num_drop` .*\[1, 3\].*protect_first=1.*got 4"),
+        (dict(num_drop=1, protect_first=-1), r"`protect_first` must be an integer >= 0, got -1"),
+        (dict(num_drop=1, protect_first=3, protect_last=3), r"leave no droppable layer"),
+    ],
+)
+def test_bad_budget_raises(name, kwargs, match):
+    kwargs = {"protect_last": 0, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        score(name, tiny_model("llama"), None, _batches(), **kwargs)
+
+
+def test_candidate_layers_rejects_bool_and_returns_range():
+    assert candidate_layers(6, 2, 1, 2) == [1, 2, 3]
+    with pytest.raises(ValueError, match="`num_drop`"):
+        candidate_layers(6, True)
+
+
+def test_unknown_scorer_lists_the_allowed_names():
+    with pytest.raises(ValueError, match=r"Unknown scorer 'shortgpt'.*block_influence.*angular.*sleb.*window_scan"):
+        score("shortgpt", tiny_model("llama"), None, _batches(), 1)
+
+
+def test_bad_batches_raise():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="`batches` is empty"):
+        block_influence(model, [], 1)
+    with pytest.raises(ValueError, match=r"`batches\[0\]` must be a 2-D integer tensor"):
+        block_influence(model, [torch.zeros(2, 4, 8)], 1)
+
+
+@pytest.mark.parametrize("name", sorted(SCORERS))
+def test_mode_and_gating_state_are_restored(name):
+    # GPT-2 has dropout: a selector that scored in train mode would not be repeatable.
+    model = tiny_model("gpt2")
+    batches = _batches()
+    reference = score(name, model, None, batches, num_drop=2)
+
+    model.train()
+    decoder_layers(model)[1].eval()  # a mixed state must come back exactly
+    modes = {n: m.training for n, m in model.named_modules()}
+    gating = LayerGating(model)
+    preset = torch.tensor([1.0, 0.0, 1.0, 0.5, 1.0, 1.0])
+    gating.set(preset)
+    selection = score(name, model, gating, batches, num_drop=2)
+
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert gating.values is preset
+    assert selection.drop == reference.drop
+    if reference.scores is not None:
+        assert selection.scores == pytest.approx(reference.scores, rel=1e-5)
+
+
+def test_temporary_gating_is_removed():
+    model = tiny_model("llama")
+    score("sleb", model, None, _batches(), num_drop=1)
+    assert all(not layer._forward_hooks for layer in decoder_layers(model))

@@ -1,0 +1,126 @@
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from lit_prune import ConcaveGate, GumbelTopKGate, MaskSearch, PruneDataModule
+from lit_prune.callbacks import ModelExport, TemperatureSchedule, TopKAnnealing
+
+ROOT = Path(__file__).parents[2]
+
+
+def _data(tiny_checkpoint, tiny_text):
+    return PruneDataModule(tokenizer=str(tiny_checkpoint), text_files=[str(tiny_text)], max_length=32, batch_size=2,
+                           val_fraction=0.2)
+
+
+def _search(tiny_checkpoint, gate=None, **kwargs):
+    gate = gate or (lambda n, k: ConcaveGate(n, k, protect_first=1, protect_last=1))
+    return MaskSearch(str(tiny_checkpoint), gate=gate, num_drop=2, ratio=None,
+                      optimizer=lambda p: torch.optim.Adam(p, lr=0.2), **kwargs)
+
+
+def _trainer(tmp_path, steps=4, callbacks=(), **kwargs):
+    return L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path),
+                     num_sanity_val_steps=0, limit_val_batches=2, callbacks=list(callbacks), **kwargs)
+
+
+def test_only_the_gate_trains_and_mask_is_exported(tiny_checkpoint, tiny_text, tmp_path):
+    module = _search(tiny_checkpoint)
+    trainer = _trainer(tmp_path, callbacks=[ModelExport(what="both")])
+    start = module.gate.starts.detach().clone()
+    trainer.fit(module, datamodule=_data(tiny_checkpoint, tiny_text))
+    assert all(not p.requires_grad for p in module.model.parameters())
+    assert not torch.equal(start, module.gate.starts.detach()), "the gate received gradients and moved"
+    mask = json.loads((tmp_path / "mask.json").read_text())
+    assert mask["method"] == "clp" and mask["num_layers"] == 6 and len(mask["drop"]) == 2
+    assert len(mask["segments"]) == 1 and mask["segments"][0][1] - mask["segments"][0][0] == 2
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").config.num_hidden_layers == 4
+
+
+def test_validation_reports_hard_mask_kl_and_ppl(tiny_checkpoint, tiny_text, tmp_path):
+    module = _search(tiny_checkpoint)
+    trainer = _trainer(tmp_path)
+    trainer.validate(module, datamodule=_data(tiny_checkpoint, tiny_text))
+    metrics = trainer.callback_metrics
+    assert metrics["val/kl"] > 0
+    assert metrics["val/ppl"] != metrics["val/dense_ppl"]
+
+
+def test_e3_with_kl_importance_and_topk_curriculum(tiny_checkpoint, tiny_text, tmp_path):
+    module = _search(tiny_checkpoint, gate=lambda n, k: GumbelTopKGate(n, k), importance_init="kl",
+                     importance_batches=1)
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            seen.append(pl_module.k)
+
+    trainer = _trainer(tmp_path, steps=6, callbacks=[TopKAnnealing(start=0, warmup_fraction=0.5), Spy()])
+    logits_before = module.gate.logits.detach().clone()
+    trainer.fit(module, datamodule=_data(tiny_checkpoint, tiny_text))
+    assert bool(module.importance_done)
+    assert not torch.equal(logits_before, module.gate.logits.detach())
+    assert seen[0] == 0 and seen[-1] == module.k_target == 2
+    assert module.mask_artifact().scores is not None
+
+
+def test_checkpoint_keeps_only_the_gate_and_resume_matches(tiny_checkpoint, tiny_text, tmp_path):
+    class StopAt(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 3:
+                trainer.should_stop = True
+
+    def run(stop=False, ckpt=None, save=None):
+        L.seed_everything(7)
+        module = _search(tiny_checkpoint)
+        callbacks = [TemperatureSchedule(start=1.0, end=0.1)] + ([StopAt()] if stop else [])
+        trainer = _trainer(tmp_path, steps=6, callbacks=callbacks)
+        trainer.fit(module, datamodule=_data(tiny_checkpoint, tiny_text), ckpt_path=ckpt)
+        if save:
+            trainer.save_checkpoint(save)
+        return module
+
+    full = run()
+    run(stop=True, save=tmp_path / "mid.ckpt")
+    state = torch.load(tmp_path / "mid.ckpt", weights_only=False)["state_dict"]
+    assert set(state) == {"gate.starts", "importance_done"}
+    resumed = run(ckpt=str(tmp_path / "mid.ckpt"))
+    torch.testing.assert_close(resumed.gate.starts, full.gate.starts)
+    assert resumed.current_drop() == full.current_drop()
+    assert resumed.temperature == pytest.approx(full.temperature)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(ratio=0.0, num_drop=None), r"ratio` must be in \(0, 1\)"),
+        (dict(ratio=1.0, num_drop=None), r"ratio` must be in \(0, 1\)"),
+        (dict(ratio=None, num_drop=6), r"num_drop` must be in \[1, 5\]"),
+        (dict(ratio=None, num_drop=None), "exactly one of"),
+        (dict(ratio=None, num_drop=5), "num_drop"),  # 5 of 6 with two protected layers cannot fit
+    ],
+)
+def test_bad_budget_fails_before_weights_load(tiny_checkpoint, kwargs, message, monkeypatch):
+    import lit_prune.stages.base as base
+
+    monkeypatch.setattr(base, "load_causal_lm", lambda *a, **k: pytest.fail("weights were loaded"))
+    with pytest.raises(ValueError, match=message):
+        MaskSearch(str(tiny_checkpoint), gate=lambda n, k: ConcaveGate(n, k), **kwargs)
+
+
+def test_topk_annealing_on_a_gate_without_budget_is_rejected(tiny_checkpoint, tiny_text, tmp_path):
+    module = _search(tiny_checkpoint)
+    with pytest.raises(Exception, match="k"):
+        _trainer(tmp_path, callbacks=[TopKAnnealing()]).fit(module, datamodule=_data(tiny_checkpoint, tiny_text))
+    assert module.model is None, "the capability check ran before the weights loaded"
+
+
+def test_importance_init_needs_logits(tiny_checkpoint):
+    with pytest.raises(ValueError, match="importance_init"):
+        _search(tiny_checkpoint, importance_init="kl")
