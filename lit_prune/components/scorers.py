@@ -410,7 +410,9 @@ def kl_importance_selection(
     candidates = candidate_layers(gating.num_layers, num_drop, protect_first, protect_last)
     scores = kl_importance(model, gating, batches, direction, teacher_logits)
     return LayerSelection(
-        drop=_lowest(scores, candidates, num_drop), scores=scores, method="kl_importance",
+        drop=_lowest(scores, candidates, num_drop),
+        scores=scores,
+        method="kl_importance",
         details={"direction": direction},
     )
 
@@ -459,7 +461,9 @@ def block_influence(
             tokens += ids.numel()
     scores = [float(total) / tokens for total in totals]
     return LayerSelection(
-        drop=_lowest(scores, candidates, num_drop), scores=scores, method="block_influence",
+        drop=_lowest(scores, candidates, num_drop),
+        scores=scores,
+        method="block_influence",
         details={"num_tokens": tokens},
     )
 
@@ -511,7 +515,9 @@ def angular_distance_window(
     distance = {start: float(total) / tokens for start, total in totals.items()}
     best = min(starts, key=lambda s: (distance[s], s))
     return LayerSelection(
-        drop=list(range(best, best + num_drop)), scores=None, method="angular",
+        drop=list(range(best, best + num_drop)),
+        scores=None,
+        method="angular",
         details={"window_distance": distance, "best_distance": distance[best]},
     )
 
@@ -591,7 +597,9 @@ def sleb(
     for k, layer in enumerate(order):
         scores[layer] = float(k - num_drop)
     return LayerSelection(
-        drop=sorted(order), scores=scores, method="sleb",
+        drop=sorted(order),
+        scores=scores,
+        method="sleb",
         details={"order": order, "ppl": ppl_after, "dense_ppl": dense_ppl, "candidate_ppl": candidate_ppl},
     )
 
