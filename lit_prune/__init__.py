@@ -5,9 +5,10 @@ from lit_prune.components.gating import LayerGating
 from lit_prune.components.mask_io import MaskArtifact, load_mask, save_mask
 from lit_prune.components.surgery import drop_layers, endpoint_layers
 from lit_prune.data import PruneDataModule
-from lit_prune.stages import Evaluate, MaskSearch, PruneStage
+from lit_prune.stages import Baseline, Evaluate, MaskSearch, PruneStage
 
 __all__ = [
+    "Baseline",
     "ConcaveGate",
     "Evaluate",
     "GumbelTopKGate",

@@ -1,7 +1,8 @@
 """LightningModules that orchestrate components: one per stage."""
 
 from lit_prune.stages.base import PruneStage, Tempered, TopKBudget
+from lit_prune.stages.baseline import Baseline
 from lit_prune.stages.evaluate import Evaluate
 from lit_prune.stages.mask_search import MaskSearch
 
-__all__ = ["Evaluate", "MaskSearch", "PruneStage", "Tempered", "TopKBudget"]
+__all__ = ["Baseline", "Evaluate", "MaskSearch", "PruneStage", "Tempered", "TopKBudget"]

@@ -1,0 +1,149 @@
+"""Baseline: training-free layer selection in the same harness as the searches (same data, same mask.json).
+
+``fit`` collects ``calibration_batches`` training batches, then the chosen scorer selects the layers to drop when
+training ends, and ``ModelExport`` writes the mask exactly as it does for CLP and E3. Scorers (pure torch) live in
+``lit_prune.components.scorers``:
+
+=================  =========================================================================================
+block_influence    ShortGPT: drop the layers whose output is most similar to their input (lowest BI)
+angular            Gromov et al.: the contiguous window with the smallest angular distance input -> output
+sleb               SLEB: remove, one at a time, the layer whose removal hurts calibration perplexity least
+tail               drop the last layers before the protected final layer(s)
+random             a seeded random choice
+window_scan        every contiguous window scored with the search objective (KL to the dense model): the
+                   exact optimum of a single-segment CLP search on the same batches
+kl_importance      drop the layers whose individual removal changes the output least (E3's init, one-shot)
+=================  =========================================================================================
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor
+
+from lit_prune.assets import canonical_model_id
+from lit_prune.components.gating import LayerGating
+from lit_prune.components.mask_io import MaskArtifact
+from lit_prune.components.scorers import SCORERS, LayerSelection, candidate_layers, score
+from lit_prune.stages.base import Dtype, PruneStage
+from lit_prune.stages.mask_search import num_drop_from
+
+BaselineMethod = Literal["block_influence", "angular", "sleb", "tail", "random", "window_scan", "kl_importance"]
+
+
+class Baseline(PruneStage):
+    """Select layers to drop with a training-free baseline on calibration batches.
+
+    Args:
+        pretrained: Hugging Face id, local folder, or ``offline:smollm2-135m``; also feeds ``data.tokenizer``.
+        method: Which baseline scores the layers.
+        ratio: Fraction of decoder layers to drop (``round(ratio * num_layers)``); or set ``num_drop``.
+        num_drop: Number of decoder layers to drop; overrides ``ratio``.
+        calibration_batches: Training batches the scorer sees.
+        protect_first: Never drop this many first layers.
+        protect_last: Never drop this many last layers.
+        seed: Seed of the ``random`` baseline.
+        dtype: Dtype the weights are loaded in.
+        optimizer: Unused (nothing trains); kept so every stage shares one signature.
+    """
+
+    def __init__(
+        self,
+        pretrained: str,
+        method: BaselineMethod = "block_influence",
+        ratio: float | None = 0.25,
+        num_drop: int | None = None,
+        calibration_batches: int = 4,
+        protect_first: int = 1,
+        protect_last: int = 1,
+        seed: int = 0,
+        dtype: Dtype = "auto",
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+    ) -> None:
+        super().__init__(pretrained, dtype=dtype, optimizer=optimizer)
+        if method not in SCORERS:
+            raise ValueError(f"`model.init_args.method` must be one of {sorted(SCORERS)}, got {method!r}.")
+        if num_drop is not None and ratio is not None:
+            ratio = None
+        self.num_drop = num_drop_from(ratio, num_drop, self.num_layers, pretrained)
+        candidate_layers(self.num_layers, self.num_drop, protect_first, protect_last)  # raises before weights load
+        if calibration_batches < 1:
+            raise ValueError(f"`model.init_args.calibration_batches` must be >= 1, got {calibration_batches}.")
+        self.method = method
+        self.calibration_batches = calibration_batches
+        self.protect_first, self.protect_last, self.seed = protect_first, protect_last, seed
+        self.automatic_optimization = False
+        self.batches: list[Tensor] = []
+        self.selection: LayerSelection | None = None
+        self.gating: LayerGating | None = None
+        self.strict_loading = False
+
+    def on_model_loaded(self) -> None:
+        self.freeze_model()
+        self.gating = LayerGating(self.model)
+
+    def configure_optimizers(self) -> None:
+        return None
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self.batches.append(batch["input_ids"])
+        if len(self.batches) >= self.calibration_batches:
+            self.trainer.should_stop = True
+
+    def on_train_end(self) -> None:
+        self.selection = score(
+            self.method, self.model, self.gating, self.batches, self.num_drop,
+            protect_first=self.protect_first, protect_last=self.protect_last, seed=self.seed,
+        )
+        self.print(f"{self.method}: drop {self.selection.drop}")
+
+    def eval_logits(self, input_ids: Tensor) -> Tensor:
+        if self.selection is None:
+            return self(input_ids)
+        self.gating.set_mask(self.selection.keep_mask(self.num_layers))
+        try:
+            return self(input_ids)
+        finally:
+            self.gating.set(None)
+
+    # capabilities used by ModelExport / MaskMonitor
+    def current_drop(self) -> list[int]:
+        return list(self.selection.drop) if self.selection else []
+
+    def mask_artifact(self) -> MaskArtifact:
+        if self.selection is None:
+            raise RuntimeError("Baseline has not selected layers yet: run `fit` so it sees calibration batches.")
+        extra: dict[str, Any] = {"calibration_batches": len(self.batches), "details": _jsonable(self.selection.details)}
+        return MaskArtifact(
+            model=canonical_model_id(self.pretrained), num_layers=self.num_layers, drop=self.selection.drop,
+            method=self.method, scores=self.selection.scores, extra=extra,
+        )
+
+    def save_pruned_model(self, out_dir: str, overwrite: bool = False) -> None:
+        from transformers import AutoTokenizer
+
+        from lit_prune.assets import resolve_pretrained
+        from lit_prune.components.checkpoint import save_pruned
+
+        artifact = self.mask_artifact()
+        self.gating.remove()
+        tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(self.pretrained))
+        save_pruned(self.model, artifact, out_dir, tokenizer=tokenizer, overwrite=overwrite)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("model.")}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Tensor):
+        return value.tolist()
+    if isinstance(value, float | int | str | bool) or value is None:
+        return value
+    return str(value)

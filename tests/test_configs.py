@@ -1,0 +1,51 @@
+"""Every shipped config runs a few steps with its model swapped for a tiny local one (litgpt's config-hub test)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lit_prune.cli import main
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_config_runs_on_tiny_model(config, tiny_checkpoint, tiny_text, tmp_path):
+    raw = yaml.safe_load(config.read_text())
+    stage = raw["model"]["class_path"]
+    args = [
+        "validate" if stage == "lit_prune.Evaluate" else "fit",
+        "-c", str(config),
+        f"--model.init_args.pretrained={tiny_checkpoint}",
+        "--model.init_args.dtype=float32",
+        "--data.dataset=null",
+        f"--data.text_files=[{tiny_text}]",
+        "--data.max_length=32",
+        "--data.num_workers=0",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.strategy=auto",
+        "--trainer.precision=32-true",
+        "--trainer.max_steps=3",
+        "--trainer.val_check_interval=null",
+        "--trainer.check_val_every_n_epoch=1",
+        "--trainer.limit_val_batches=1",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+    ]
+    if "ratio" in raw["model"]["init_args"] or "num_drop" in raw["model"]["init_args"]:
+        args += ["--model.init_args.ratio=null", "--model.init_args.num_drop=2"]
+    if raw["model"]["init_args"].get("importance_batches"):
+        args.append("--model.init_args.importance_batches=1")
+    cli = main(args)
+    if stage == "lit_prune.Evaluate":
+        assert cli.trainer.callback_metrics["val/ppl"] > 1
+        return
+    masks = list(tmp_path.rglob("mask.json"))
+    assert len(masks) == 1, "ModelExport wrote the run's mask.json"
+    mask = json.loads(masks[0].read_text())
+    assert mask["num_layers"] == 6 and len(mask["drop"]) == 2
+    assert 0 not in mask["drop"] and 5 not in mask["drop"], "first and last layers are protected in every config"
