@@ -207,11 +207,10 @@ class MaskSearch(PruneStage):
             return self.model(input_ids=input_ids, use_cache=False).logits
 
     def _gated_logits(self, input_ids: Tensor, gates: Tensor) -> Tensor:
+        # The gates stay set after the forward: activation checkpointing re-runs the layers (and their gate hooks)
+        # during backward, and must see the same values. The teacher pass opens them only inside its own block.
         self.gating.set(gates)
-        try:
-            return self.model(input_ids=input_ids, use_cache=False).logits
-        finally:
-            self.gating.set(None)
+        return self.model(input_ids=input_ids, use_cache=False).logits
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         input_ids, labels = batch["input_ids"], batch["labels"]

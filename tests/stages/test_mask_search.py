@@ -124,3 +124,19 @@ def test_topk_annealing_on_a_gate_without_budget_is_rejected(tiny_checkpoint, ti
 def test_importance_init_needs_logits(tiny_checkpoint):
     with pytest.raises(ValueError, match="importance_init"):
         _search(tiny_checkpoint, importance_init="kl")
+
+
+@pytest.mark.parametrize("gate", [lambda n, k: ConcaveGate(n, k), lambda n, k: GumbelTopKGate(n, k)])
+def test_activation_checkpointing_gives_the_same_gate_gradient(tiny_checkpoint, gate):
+    batch = {"input_ids": torch.randint(3, 90, (2, 16), generator=torch.Generator().manual_seed(0))}
+    batch["labels"] = batch["input_ids"]
+    grads = []
+    for checkpointing in (False, True):
+        module = _search(tiny_checkpoint, gate=gate, gradient_checkpointing=checkpointing)
+        module.configure_model()
+        module.train()
+        torch.manual_seed(0)
+        module.training_step(batch, 0).backward()
+        grads.append(next(module.gate.parameters()).grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+    assert grads[0].abs().sum() > 0
