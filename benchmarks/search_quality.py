@@ -29,13 +29,16 @@ from lit_prune.assets import resolve_pretrained, resolve_text_source  # noqa: E4
 from lit_prune.callbacks import TemperatureSchedule, TopKAnnealing  # noqa: E402
 from lit_prune.components.gating import LayerGating  # noqa: E402
 from lit_prune.components.scorers import output_kl, score, teacher_logits_for  # noqa: E402
+from lit_prune.data import EpochShuffleSampler  # noqa: E402
 
 BASELINES = ["window_scan", "block_influence", "angular", "sleb", "kl_importance", "tail", "random"]
 
 
 def loader(blocks: torch.Tensor, batch: int, seed: int) -> DataLoader:
+    """The DataModule's resumable order (EpochShuffleSampler), without needing `datasets` on the machine."""
     rows = [{"input_ids": b, "labels": b} for b in blocks]
-    return DataLoader(rows, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    sampler = EpochShuffleSampler(len(rows), seed)
+    return DataLoader(rows, batch_size=batch, sampler=sampler)
 
 
 def run_search(args, kind: str, num_drop: int, train: torch.Tensor, steps: int, seed: int = 1337,
@@ -45,13 +48,13 @@ def run_search(args, kind: str, num_drop: int, train: torch.Tensor, steps: int, 
         gate = lambda n, k: ConcaveGate(n, k, protect_first=1, protect_last=1)  # noqa: E731
         module = MaskSearch(args.model, gate=gate, num_drop=num_drop, ratio=None, dtype=args.dtype,
                             optimizer=lambda p: torch.optim.Adam(p, lr=args.clp_lr))
-        callbacks = [TemperatureSchedule(start=1.0, end=0.05, mode="exp", log=False)]
+        callbacks = [TemperatureSchedule(start=args.clp_t0, end=args.clp_t1, mode="exp", log=False)]
     else:
         gate = lambda n, k: GumbelTopKGate(n, k, protect_first=1, protect_last=1)  # noqa: E731
         module = MaskSearch(args.model, gate=gate, num_drop=num_drop, ratio=None, dtype=args.dtype,
-                            importance_init="kl", importance_batches=args.calib_batches, importance_scale=2.0,
+                            importance_init="kl", importance_batches=args.calib_batches, importance_scale=args.e3_scale,
                             optimizer=lambda p: torch.optim.Adam(p, lr=args.e3_lr))
-        callbacks = [TemperatureSchedule(start=1.0, end=0.1, mode="exp", log=False),
+        callbacks = [TemperatureSchedule(start=args.e3_t0, end=args.e3_t1, mode="exp", log=False),
                      TopKAnnealing(start=0, warmup_fraction=0.5, log=False)]
 
     class StopAt(L.Callback):
@@ -62,7 +65,14 @@ def run_search(args, kind: str, num_drop: int, train: torch.Tensor, steps: int, 
     trainer = L.Trainer(accelerator="auto", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         callbacks=[*callbacks, StopAt()], precision="bf16-mixed" if args.bf16_mixed else "32-true")
-    trainer.fit(module, train_dataloaders=loader(train, args.batch, seed), ckpt_path=ckpt)
+    train_loader = loader(train, args.batch, seed)
+    if ckpt:
+        # What PruneDataModule.train_dataloader does on resume: skip the batches the checkpoint consumed.
+        consumed = torch.load(ckpt, weights_only=False)["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]
+        per_epoch = -(-len(train) // args.batch)
+        train_loader.sampler.epoch, skip = divmod(consumed["completed"], per_epoch)
+        train_loader.sampler.skip = skip * args.batch
+    trainer.fit(module, train_dataloaders=train_loader, ckpt_path=ckpt)
     if save:
         trainer.save_checkpoint(save)
     return module
@@ -78,8 +88,14 @@ def main() -> None:
     parser.add_argument("--calib-batches", type=int, default=4)
     parser.add_argument("--val-blocks", type=int, default=16)
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--clp-lr", type=float, default=0.3)
-    parser.add_argument("--e3-lr", type=float, default=0.1)
+    parser.add_argument("--clp-lr", type=float, default=0.1)
+    parser.add_argument("--e3-lr", type=float, default=0.01)
+    parser.add_argument("--clp-t0", type=float, default=1.0)
+    parser.add_argument("--clp-t1", type=float, default=0.05)
+    parser.add_argument("--e3-t0", type=float, default=1.0)
+    parser.add_argument("--e3-t1", type=float, default=0.1)
+    parser.add_argument("--e3-scale", type=float, default=4.0)
+    parser.add_argument("--methods", nargs="+", default=[*BASELINES, "clp", "e3"])
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--bf16-mixed", action="store_true")
     parser.add_argument("--skip-repro", action="store_true")
@@ -112,20 +128,20 @@ def main() -> None:
     for ratio in args.ratios:
         num_drop = round(ratio * num_layers)
         entry: dict = {"num_drop": num_drop, "methods": {}}
-        for name in BASELINES:
+        for name in [m for m in BASELINES if m in args.methods]:
             start = time.perf_counter()
             selection = score(name, model, gating, calib, num_drop, protect_first=1, protect_last=1, seed=0)
             entry["methods"][name] = {"drop": selection.drop, "kl": held_out_kl(selection.drop),
                                       "seconds": time.perf_counter() - start}
         scan_all = {s: held_out_kl(list(range(s, s + num_drop))) for s in range(1, num_layers - 1 - num_drop + 1)}
         entry["held_out_window_kl"] = scan_all
-        for kind in ("clp", "e3"):
+        for kind in [m for m in ("clp", "e3") if m in args.methods]:
             start = time.perf_counter()
             module = run_search(args, kind, num_drop, train, args.steps)
             drop = module.current_drop()
             entry["methods"][kind] = {"drop": drop, "kl": held_out_kl(drop), "seconds": time.perf_counter() - start}
             del module
-        if not args.skip_repro:
+        if not args.skip_repro and {"clp", "e3"} <= set(args.methods):
             with tempfile.TemporaryDirectory() as tmp:
                 again = run_search(args, "clp", num_drop, train, args.steps).current_drop()
                 run_search(args, "clp", num_drop, train, args.steps, stop_at=args.steps // 2, save=f"{tmp}/mid.ckpt")
@@ -136,7 +152,7 @@ def main() -> None:
                 "clp_resume_same_mask": resumed == entry["methods"]["clp"]["drop"],
                 "e3_same_seed_same_mask": e3_again == entry["methods"]["e3"]["drop"],
             }
-        scan_kl = entry["methods"]["window_scan"]["kl"]
+        scan_kl = min(scan_all.values()) if "window_scan" not in entry["methods"] else entry["methods"]["window_scan"]["kl"]
         for name, m in entry["methods"].items():
             rows.append((ratio, name, m["drop"], m["kl"], m["kl"] / scan_kl - 1, m["seconds"]))
         results["ratios"][str(ratio)] = entry

@@ -14,63 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
-
-VOCAB = 100 + 3  # printable ASCII + 3 specials in the char tokenizer below
-
-# Small, fast configs; Gemma2/3 and Qwen mix sliding and full attention so per-layer config lists matter.
-TINY_CONFIGS: dict[str, dict] = {
-    "llama": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2),
-    "mistral": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-                    sliding_window=None),
-    "qwen2": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-                  use_sliding_window=True, sliding_window=4, max_window_layers=3),
-    "qwen3": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=8),
-    "gemma": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=8),
-    "gemma2": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                   sliding_window=4),
-    "gemma3_text": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-                        head_dim=8, sliding_window=4,
-                        layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention",
-                                     "full_attention", "sliding_attention"]),
-    "phi3": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0),
-    "gpt2": dict(n_embd=32, n_head=4, n_positions=64),
-    "gpt_neox": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4),
-    "opt": dict(hidden_size=32, ffn_dim=64, num_attention_heads=4, word_embed_proj_dim=32),
-}
-TINY_NUM_LAYERS = 6
-
-
-def tiny_config(model_type: str, num_layers: int = TINY_NUM_LAYERS):
-    from transformers import AutoConfig
-
-    kwargs = dict(TINY_CONFIGS[model_type])
-    kwargs["num_hidden_layers"] = num_layers
-    if model_type != "gpt2":
-        kwargs.setdefault("max_position_embeddings", 64)
-    kwargs["vocab_size"] = VOCAB
-    return AutoConfig.for_model(model_type, **kwargs)
-
-
-def tiny_model(model_type: str, num_layers: int = TINY_NUM_LAYERS, seed: int = 0):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type, num_layers), dtype=torch.float32)
-    return model.eval()
-
-
-def char_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{chr(c): i + 3 for i, c in enumerate(range(32, 127))}}
-    vocab["\n"] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
-    )
+from tiny import TINY_TEXT, char_tokenizer, tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -80,13 +24,6 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     char_tokenizer().save_pretrained(path)
     tiny_model("llama").save_pretrained(path)
     return path
-
-
-TINY_TEXT = (
-    "Shakespeare, William, English poet, player and playwright, was baptized in the parish church of "
-    "Stratford-upon-Avon in Warwickshire. The exact date of his birth is not known. His father was a burgess "
-    "of the recently constituted corporation of Stratford, and had already filled certain minor municipal offices.\n"
-)
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import TINY_CONFIGS, TINY_NUM_LAYERS, tiny_model
+from tiny import TINY_CONFIGS, TINY_NUM_LAYERS, tiny_model
 from torch import nn
 
 from lit_prune.components.layers import (

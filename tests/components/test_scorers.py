@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_NUM_LAYERS, tiny_model
+from tiny import TINY_NUM_LAYERS, tiny_model
 
 from lit_prune.components.gating import LayerGating
 from lit_prune.components.layers import decoder_layers

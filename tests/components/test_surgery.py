@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import TINY_CONFIGS, TINY_NUM_LAYERS, tiny_model
+from tiny import TINY_CONFIGS, TINY_NUM_LAYERS, tiny_model
 
 from lit_prune.components.gating import LayerGating
 from lit_prune.components.layers import attention_layer_indices, decoder_layers

@@ -1,0 +1,160 @@
+"""Entropy-aware KD (lit_prune.components.distill) against references written with torch.nn.functional."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lit_prune.components.distill import (
+    entropy_aware_kd,
+    entropy_aware_kd_terms,
+    entropy_weights,
+    topk_teacher,
+    weights_from_entropy,
+)
+from lit_prune.components.losses import token_entropy
+
+B, T, V = 3, 7, 11
+
+
+def _logits(seed: int, scale: float = 2.0) -> torch.Tensor:
+    return torch.randn(B, T, V, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def _labels() -> torch.Tensor:
+    labels = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(9))
+    labels[0, :3] = -100  # a masked prompt
+    labels[2, 5] = -100
+    return labels
+
+
+def _scored(labels: torch.Tensor) -> torch.Tensor:
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != -100
+    return mask
+
+
+def _reference_kl(student, teacher, mask, temperature, direction):
+    s = F.log_softmax(student / temperature, -1)
+    t = F.log_softmax(teacher / temperature, -1)
+    # F.kl_div(input, target) = KL(target || input) with log-space inputs.
+    per_token = F.kl_div(s, t, log_target=True, reduction="none").sum(-1) if direction == "forward" else \
+        F.kl_div(t, s, log_target=True, reduction="none").sum(-1)
+    return (per_token * mask).sum() / mask.sum() * temperature**2
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_unweighted_kd_matches_f_kl_div(direction, temperature):
+    student, teacher, labels = _logits(0), _logits(1), _labels()
+    got = entropy_aware_kd(student, teacher, labels, direction=direction, temperature=temperature, weighting="none")
+    want = _reference_kl(student, teacher, _scored(labels), temperature, direction)
+    torch.testing.assert_close(got, want)
+
+
+def test_reverse_differs_from_forward():
+    student, teacher = _logits(0), _logits(1)
+    forward = entropy_aware_kd(student, teacher, weighting="none", direction="forward")
+    reverse = entropy_aware_kd(student, teacher, weighting="none", direction="reverse")
+    assert not torch.isclose(forward, reverse)
+
+
+def test_normalized_weights_have_mean_one_over_scored_tokens_and_follow_entropy():
+    teacher, labels = _logits(1, scale=torch.linspace(0.1, 5.0, T).view(1, T, 1)), _labels()
+    mask = _scored(labels)
+    weights = entropy_weights(teacher, "normalized", mask=mask)
+    assert weights[mask].mean().item() == pytest.approx(1.0, abs=1e-5)
+    entropy = token_entropy(teacher)
+    # Higher entropy -> higher weight, token by token.
+    order = entropy.flatten().argsort()
+    assert torch.all(weights.flatten()[order].diff() >= -1e-6)
+    assert weights.std() > 0.1
+
+
+def test_linear_and_none_weights():
+    teacher = _logits(1)
+    entropy = token_entropy(teacher)
+    torch.testing.assert_close(entropy_weights(teacher, "linear", beta=0.5), 1 + 0.5 * entropy)
+    torch.testing.assert_close(entropy_weights(teacher, "none"), torch.ones(B, T))
+    # Log-probabilities give the same weights as logits (log_softmax is idempotent).
+    from_logprobs = entropy_weights(F.log_softmax(teacher, -1), "linear")
+    torch.testing.assert_close(from_logprobs, entropy_weights(teacher, "linear"))
+
+
+def test_normalized_weights_of_a_certain_teacher_are_one():
+    weights = weights_from_entropy(torch.zeros(B, T), "normalized")
+    torch.testing.assert_close(weights, torch.ones(B, T))
+
+
+def test_weighted_loss_is_the_weighted_token_mean():
+    student, teacher, labels = _logits(0), _logits(1), _labels()
+    mask = _scored(labels)
+    t = F.log_softmax(teacher, -1)
+    per_token = (t.exp() * (t - F.log_softmax(student, -1))).sum(-1)
+    entropy = token_entropy(teacher)
+    w = entropy / (entropy[mask].mean() + 1e-6)  # methods.md §2.5
+    want = (w * per_token * mask).sum() / mask.sum()
+    torch.testing.assert_close(entropy_aware_kd(student, teacher, labels), want, rtol=1e-4, atol=1e-6)
+
+
+def test_ignored_positions_do_not_count_and_all_ignored_is_zero():
+    student, teacher, labels = _logits(0), _logits(1), _labels()
+    base = entropy_aware_kd(student, teacher, labels)
+    changed = student.clone()
+    changed[0, :2] += 10 * torch.randn(2, V)  # positions 0, 1 of row 0 predict ignored labels 1, 2
+    changed[:, -1] += 10.0 * torch.randn(B, V)  # the last position predicts nothing
+    torch.testing.assert_close(entropy_aware_kd(changed, teacher, labels), base)
+    changed[1, 0] += 10 * torch.randn(V)  # a scored position
+    assert not torch.isclose(entropy_aware_kd(changed, teacher, labels), base)
+    assert entropy_aware_kd(student, teacher, torch.full((B, T), -100)) == 0
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("weighting", ["normalized", "linear", "none"])
+def test_topk_with_k_equal_vocab_equals_full_logits(direction, weighting):
+    student, teacher, labels = _logits(0), _logits(1), _labels()
+    perm = torch.randperm(V, generator=torch.Generator().manual_seed(3))  # any order of the K ids must work
+    indices = perm.expand(B, T, V)
+    full = entropy_aware_kd(student, teacher, labels, direction, 1.5, weighting, beta=0.3)
+    topk = entropy_aware_kd(student, (indices, teacher.gather(-1, indices)), labels, direction, 1.5, weighting, 0.3)
+    torch.testing.assert_close(topk, full)
+
+
+def test_topk_forward_matches_methods_reference_and_penalises_mass_outside_k():
+    student, teacher, labels = _logits(0), _logits(1), _labels()
+    idx, vals = topk_teacher(teacher, 3)
+    mask = _scored(labels)
+    logp_s = F.log_softmax(student, -1).gather(-1, idx.long())
+    logp_t = F.log_softmax(vals.float(), -1)
+    kl = (logp_t.exp() * (logp_t - logp_s)).sum(-1)
+    entropy = -(logp_t.exp() * logp_t).sum(-1)
+    w = entropy / (entropy[mask].mean() + 1e-6)
+    want = (w * kl * mask).sum() / mask.sum()
+    torch.testing.assert_close(entropy_aware_kd(student, (idx, vals), labels), want, rtol=1e-4, atol=1e-6)
+    # A student that matches the top-3 ratios but keeps mass elsewhere still pays in the forward direction.
+    matched = torch.full_like(student, 0.0).scatter(-1, idx.long(), vals.float())
+    assert entropy_aware_kd(matched, (idx, vals), weighting="none") > 1e-3
+
+
+def test_gradient_reaches_the_student_only():
+    student = _logits(0).requires_grad_(True)
+    teacher = _logits(1).requires_grad_(True)
+    terms = entropy_aware_kd_terms(student, teacher, _labels())
+    assert not terms.weights.requires_grad
+    terms.loss().backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
+    assert teacher.grad is None
+
+
+def test_topk_teacher_storage_form_and_errors():
+    teacher = _logits(1)
+    idx, vals = topk_teacher(teacher, 4)
+    assert idx.dtype == torch.int32 and vals.dtype == torch.float16 and idx.shape == (B, T, 4)
+    torch.testing.assert_close(vals.float(), teacher.topk(4, -1).values, atol=1e-2, rtol=1e-3)
+    with pytest.raises(ValueError, match=r"`k` must be in \[1, 11\]"):
+        topk_teacher(teacher, V + 1)
+    with pytest.raises(ValueError, match="share a tokenizer"):
+        entropy_aware_kd(_logits(0), teacher[..., :-1])
+    with pytest.raises(ValueError, match="weighting"):
+        entropy_aware_kd(_logits(0), teacher, weighting="entropy")
+    with pytest.raises(ValueError, match="integer token ids"):
+        entropy_aware_kd(_logits(0), (idx.float(), vals))
