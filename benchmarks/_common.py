@@ -13,11 +13,14 @@ import torch
 def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-    return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads (torch {torch.__version__})"
+    cpu = platform.processor() or platform.machine()
+    return f"CPU {cpu} x{torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
-def text_blocks(tokenizer, text_files: list[str], seq: int, val_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokenize files (one document each, EOS after each), cut into [n, seq] blocks; the last val_fraction is held out."""
+def text_blocks(
+    tokenizer, text_files: list[str], seq: int, val_fraction: float = 0.1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenize files (one document each, EOS after each), cut into [n, seq] blocks; the tail is held out."""
     ids: list[int] = []
     for path in text_files:
         ids += tokenizer(Path(path).read_text())["input_ids"] + [tokenizer.eos_token_id]

@@ -152,7 +152,8 @@ def main() -> None:
                 "clp_resume_same_mask": resumed == entry["methods"]["clp"]["drop"],
                 "e3_same_seed_same_mask": e3_again == entry["methods"]["e3"]["drop"],
             }
-        scan_kl = min(scan_all.values()) if "window_scan" not in entry["methods"] else entry["methods"]["window_scan"]["kl"]
+        scan = entry["methods"].get("window_scan")
+        scan_kl = scan["kl"] if scan else min(scan_all.values())
         for name, m in entry["methods"].items():
             rows.append((ratio, name, m["drop"], m["kl"], m["kl"] / scan_kl - 1, m["seconds"]))
         results["ratios"][str(ratio)] = entry

@@ -11,8 +11,26 @@ from lit_prune.cli import main
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
 
+@pytest.fixture(scope="session")
+def tiny_mask(tiny_checkpoint, tmp_path_factory) -> Path:
+    # Outside tmp_path: each run must write exactly one mask.json of its own.
+    path = tmp_path_factory.mktemp("tiny_mask") / "mask.json"
+    path.write_text(json.dumps({"model": str(tiny_checkpoint), "num_layers": 6, "drop": [2, 3]}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_cache(tiny_checkpoint, tiny_text, tmp_path_factory) -> Path:
+    from lit_prune.teacher_cache_cli import cache_teacher_main
+
+    out = tmp_path_factory.mktemp("teacher_cache") / "k10"
+    cache_teacher_main(["--model", str(tiny_checkpoint), "--text-files", str(tiny_text), "--max-length", "32",
+                        "--val-fraction", "0.1", "--k", "10", "--out", str(out)])
+    return out
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
-def test_config_runs_on_tiny_model(config, tiny_checkpoint, tiny_text, tmp_path):
+def test_config_runs_on_tiny_model(config, tiny_checkpoint, tiny_text, tmp_path, request):
     raw = yaml.safe_load(config.read_text())
     stage = raw["model"]["class_path"]
     args = [
@@ -38,6 +56,13 @@ def test_config_runs_on_tiny_model(config, tiny_checkpoint, tiny_text, tmp_path)
     ]
     if "ratio" in raw["model"]["init_args"] or "num_drop" in raw["model"]["init_args"]:
         args += ["--model.init_args.ratio=null", "--model.init_args.num_drop=2"]
+    init_args = raw["model"]["init_args"]
+    if init_args.get("mask"):
+        args.append(f"--model.init_args.mask={request.getfixturevalue('tiny_mask')}")
+    if init_args.get("teacher"):
+        args.append(f"--model.init_args.teacher={tiny_checkpoint}")
+    if init_args.get("teacher_cache"):
+        args.append(f"--model.init_args.teacher_cache={request.getfixturevalue('tiny_teacher_cache')}")
     if raw["model"]["init_args"].get("importance_batches"):
         args.append("--model.init_args.importance_batches=1")
     cli = main(args)

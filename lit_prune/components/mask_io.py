@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lit_prune.components.surgery import contiguous_segments, validate_drop
+from lit_prune.components.surgery import _umask, contiguous_segments, validate_drop
 
 REQUIRED_KEYS = ("model", "num_layers", "drop")
 
@@ -162,6 +162,7 @@ def save_mask(path: str | Path, artifact: MaskArtifact) -> Path:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(format_mask_json(artifact.to_dict()))
+        Path(tmp).chmod(0o666 & ~_umask())  # mkstemp makes it owner-only
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

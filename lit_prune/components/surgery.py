@@ -129,6 +129,12 @@ def prepare_output_dir(out_dir: str | Path, overwrite: bool = False, key: str = 
     return out_dir
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_atomically(out_dir: str | Path, write: callable, overwrite: bool = False) -> Path:
     """Run ``write(tmp_dir)`` into a temporary sibling folder, then move it into place.
 
@@ -138,6 +144,7 @@ def save_atomically(out_dir: str | Path, write: callable, overwrite: bool = Fals
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
+        tmp_dir.chmod(0o777 & ~_umask())  # mkdtemp makes it owner-only; an export should read like any folder
         write(tmp_dir)
         if out_dir.exists():
             shutil.rmtree(out_dir)

@@ -1,6 +1,7 @@
 """Teacher top-K cache: round trip, storage cost, and clear errors for data or settings that do not match."""
 
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -39,6 +40,9 @@ def test_round_trip_in_any_order(teacher, tmp_path):
     assert indices.dtype == torch.long and values.dtype == torch.float16
     torch.testing.assert_close(indices, want_idx.long())
     torch.testing.assert_close(values, want_val)
+    copy = pickle.loads(pickle.dumps(cache))  # what a spawned worker gets: no arrays, re-mapped on use
+    assert copy._arrays is None and len(pickle.dumps(cache)) < 2000
+    torch.testing.assert_close(copy.lookup(batch)[1], values)
 
 
 def test_bytes_per_token_is_recorded(teacher, tmp_path):

@@ -1,0 +1,216 @@
+"""Distill: E3-Pruner's entropy-aware adaptive KD from the dense teacher into the pruned student.
+
+One training step on a batch ``x``::
+
+    teacher = dense(x) under no_grad        (online, `teacher`)        or  cache.lookup(x)  (`teacher_cache`, top-K)
+    student = pruned(x)                     trainable: all weights | LoRA (all kept layers or endpoints) | endpoints
+    loss = (1 - ce_weight) * entropy_aware_kd(student, teacher) + ce_weight * CE(student, x)
+
+The KD term weights every token's KL by the teacher's entropy there (``lit_prune.components.distill``). With
+``teacher_cache`` no teacher is loaded at all: build the cache once with ``python -m lit_prune cache-teacher`` on the
+same data settings. Memory with an online teacher: the dense teacher (frozen, same dtype) plus the student.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor
+
+from lit_prune.assets import canonical_model_id
+from lit_prune.components.distill import Teacher, Weighting, check_choice, entropy_aware_kd_terms, topk_teacher
+from lit_prune.components.layers import decoder_layers
+from lit_prune.components.losses import Direction, next_token_ce
+from lit_prune.components.teacher_cache import TeacherCacheError, TopKCache
+from lit_prune.stages.base import Dtype
+from lit_prune.stages.endpoint_lora import (
+    LLAMA_PROJECTIONS,
+    RecoveryStage,
+    add_lora,
+    check_lora_hparams,
+    check_lora_options,
+)
+
+TrainScope = Literal["all", "lora", "endpoints"]
+LoraLayers = Literal["all", "endpoints"]
+
+
+class Distill(RecoveryStage):
+    """Distill a dense teacher into the layer-pruned student, weighting each token's KL by the teacher's entropy.
+
+    Args:
+        pretrained: Student source: the dense model (with ``mask``) or an already pruned folder (``mask`` null);
+            also feeds ``data.tokenizer``.
+        mask: ``mask.json`` of the layers to drop from ``pretrained``; null when ``pretrained`` is already pruned.
+        teacher: Dense teacher id or folder, run online (frozen); set this or ``teacher_cache``.
+        teacher_cache: Folder of cached teacher top-K logits (``python -m lit_prune cache-teacher``); no teacher is
+            loaded. Set this or ``teacher``.
+        teacher_k: Top-K of the teacher: with ``teacher``, restrict it to its K largest logits (as a cache would);
+            with ``teacher_cache``, the K the cache must have. Null: full logits / the cache's K.
+        ce_weight: Share of next-token cross-entropy: ``(1 - ce_weight) * KD + ce_weight * CE``; 1 = plain CE.
+        direction: ``forward`` = KL(teacher || student), ``reverse`` = KL(student || teacher).
+        weighting: Per-token weight from the teacher entropy H: ``normalized`` = H / mean(H) (mean 1), ``linear`` =
+            1 + beta * H, ``none`` = plain KD.
+        beta: Slope of the ``linear`` weighting.
+        kd_temperature: KD softmax temperature (``temperature`` for TemperatureSchedule).
+        train: What trains: ``all`` weights, ``lora`` adapters (on ``lora_layers``), or ``endpoints`` (full weights
+            of the layers next to each cut).
+        lora_layers: With ``train: lora``: every kept layer (``all``) or only the endpoint layers.
+        width: Kept layers on each side of every cut that count as endpoints.
+        endpoint_layers_override: Post-surgery indices of the endpoint layers, replacing those derived from the mask.
+        target_modules: Module names (suffixes) that get LoRA; default: the Llama-like attention and MLP projections.
+        r: LoRA rank.
+        alpha: LoRA scaling numerator (``lora_alpha``).
+        dropout: Dropout on the LoRA input.
+        lora_options: Extra ``peft.LoraConfig`` fields; ``layers_to_transform``/``layers_pattern`` are derived.
+        allow_model_mismatch: Accept a mask or cache whose model id differs from the student's source model.
+        save_adapter: Also write the LoRA adapter (peft format, for the pruned model) to ``<export>/adapter``.
+        dtype: Dtype the weights (student and teacher) are loaded in.
+        optimizer: Optimizer factory for the trainable parameters.
+        gradient_checkpointing: Recompute layer activations in the backward pass to save memory.
+    """
+
+    def __init__(
+        self,
+        pretrained: str,
+        mask: str | None = None,
+        teacher: str | None = None,
+        teacher_cache: str | None = None,
+        teacher_k: int | None = None,
+        ce_weight: float = 0.0,
+        direction: Direction = "forward",
+        weighting: Weighting = "normalized",
+        beta: float = 1.0,
+        kd_temperature: float = 1.0,
+        train: TrainScope = "lora",
+        lora_layers: LoraLayers = "all",
+        width: int = 1,
+        endpoint_layers_override: list[int] | None = None,
+        target_modules: list[str] | None = None,
+        r: int = 16,
+        alpha: float = 32.0,
+        dropout: float = 0.05,
+        lora_options: dict[str, Any] | None = None,
+        allow_model_mismatch: bool = False,
+        save_adapter: bool = False,
+        dtype: Dtype = "auto",
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__(
+            pretrained, mask=mask, width=width, endpoint_layers_override=endpoint_layers_override,
+            allow_model_mismatch=allow_model_mismatch, save_adapter=save_adapter, dtype=dtype, optimizer=optimizer,
+            gradient_checkpointing=gradient_checkpointing,
+        )
+        check_choice(direction, Direction, "model.init_args.direction")
+        check_choice(weighting, Weighting, "model.init_args.weighting")
+        check_choice(train, TrainScope, "model.init_args.train")
+        check_choice(lora_layers, LoraLayers, "model.init_args.lora_layers")
+        if not 0.0 <= ce_weight <= 1.0:
+            raise ValueError(f"`model.init_args.ce_weight` must be in [0, 1], got {ce_weight}.")
+        if not kd_temperature > 0:
+            raise ValueError(f"`model.init_args.kd_temperature` must be > 0, got {kd_temperature}.")
+        if weighting == "linear" and beta < 0:
+            raise ValueError(f"`model.init_args.beta` must be >= 0 (weights 1 + beta * H stay positive), got {beta}.")
+        if teacher_k is not None and (isinstance(teacher_k, bool) or teacher_k < 1):
+            raise ValueError(f"`model.init_args.teacher_k` must be >= 1 or null, got {teacher_k!r}.")
+        if (teacher is None) == (teacher_cache is None):
+            raise ValueError(
+                "Set exactly one of `model.init_args.teacher` (a dense model run online) and "
+                f"`model.init_args.teacher_cache` (a cache-teacher folder); got teacher={teacher!r}, "
+                f"teacher_cache={teacher_cache!r}."
+            )
+        self.teacher, self.teacher_k = teacher, teacher_k
+        self.cache: TopKCache | None = None
+        if teacher is not None:
+            config = self.check_teacher(teacher)
+            if teacher_k is not None and teacher_k > config.vocab_size:
+                raise ValueError(
+                    f"`model.init_args.teacher_k`={teacher_k} exceeds the teacher's vocabulary ({config.vocab_size})."
+                )
+        else:
+            try:
+                self.cache = TopKCache(teacher_cache)
+            except TeacherCacheError as err:
+                raise ValueError(f"`model.init_args.teacher_cache`={teacher_cache!r}: {err}") from None
+            source = self.mask.model if self.mask is not None else canonical_model_id(pretrained)
+            self.cache.check_compatible(
+                vocab_size=int(self.config.vocab_size), k=teacher_k, model=source,
+                allow_model_mismatch=allow_model_mismatch,
+            )
+        self.ce_weight, self.direction, self.weighting, self.beta = ce_weight, direction, weighting, beta
+        self.kd_temperature = float(kd_temperature)
+        self.train_scope, self.lora_layers = train, lora_layers
+        self.target_modules = list(target_modules) if target_modules is not None else list(LLAMA_PROJECTIONS)
+        self.r, self.alpha, self.dropout = r, alpha, dropout
+        self.lora_options: dict[str, Any] = {}
+        if train == "endpoints":
+            self.require_endpoints("`model.init_args.train: endpoints`")
+        if train == "lora":
+            check_lora_hparams(r, alpha, dropout)
+            self.lora_options = check_lora_options(lora_options)
+            layers = self.require_endpoints("`model.init_args.lora_layers: endpoints`") if lora_layers == "endpoints" \
+                else None
+            self.check_targets_early(layers, self.target_modules)
+
+    def setup(self, stage: str) -> None:
+        # The block length is the DataModule's: compare it with the cache before any weight loads.
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        max_length = getattr(getattr(datamodule, "hparams", None), "max_length", None)
+        if self.cache is not None and max_length is not None:
+            self.cache.check_compatible(seq_len=int(max_length))
+
+    def on_model_loaded(self) -> None:
+        self.prepare_student()
+        if self.train_scope == "all":
+            for param in self.model.parameters():
+                param.requires_grad_(True)
+        elif self.train_scope == "endpoints":
+            layers = decoder_layers(self.model)
+            for index in self.endpoints:
+                for param in layers[index].parameters():
+                    param.requires_grad_(True)
+        else:
+            layers = self.endpoints if self.lora_layers == "endpoints" else None
+            self.model = add_lora(
+                self.model, layers, self.target_modules, self.r, self.alpha, self.dropout, self.lora_options
+            )
+        if self.teacher is not None and self.ce_weight < 1.0:  # ce_weight 1 is plain CE: no teacher needed
+            self.load_teacher(self.teacher)
+        self.train(self.training)  # from_pretrained returns eval mode; LoRA dropout needs train mode (teacher: eval)
+
+    def teacher_outputs(self, input_ids: Tensor) -> Teacher:
+        """Full teacher logits, or a top-K pair (from the cache, or the online teacher cut to ``teacher_k``)."""
+        if self.cache is not None:
+            return self.cache.lookup(input_ids)
+        logits = self.teacher_logits(input_ids)
+        if self.teacher_k is None:
+            return logits
+        indices, values = topk_teacher(logits, self.teacher_k)
+        return indices.long(), values
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        input_ids, labels = batch["input_ids"], batch["labels"]
+        logits = self(input_ids)
+        ce = next_token_ce(logits, labels)
+        logs = {"train/ce": ce}
+        loss = self.ce_weight * ce
+        if self.ce_weight < 1.0:
+            terms = entropy_aware_kd_terms(
+                logits, self.teacher_outputs(input_ids), labels, self.direction, self.kd_temperature, self.weighting,
+                self.beta,
+            )
+            kd = terms.loss()
+            loss = loss + (1.0 - self.ce_weight) * kd
+            # Weights of unscored positions are 0 here, so the max is over scored tokens (weights are >= 0).
+            logs.update({
+                "train/kd": kd,
+                "train/teacher_entropy": terms.scored_mean(terms.entropy),
+                "train/entropy_weight_mean": terms.scored_mean(terms.weights),
+                "train/entropy_weight_max": (terms.weights * terms.mask).max(),
+            })
+        self.log("train/loss", loss, prog_bar=True)
+        self.log_dict(logs)
+        return loss
