@@ -1,0 +1,148 @@
+"""Recovery at equal token budgets: endpoint LoRA (CLP) vs entropy-aware KD vs plain KD (E3), online vs cached teacher.
+
+    python benchmarks/recovery.py --model offline:smollm2-135m --text offline:britannica \
+        --train-text offline:britannica offline:shakespeare --mask configs/masks/smollm2_drop_12_20.json \
+        --steps 500 --batch 8 --seq 256 --out results/recovery.json
+
+Held-out text = the tail of `--text` (as in PruneDataModule); training blocks = the rest of `--text` plus
+`--train-text`. Each variant trains `--steps` steps on the same batches (the same token budget), then the held-out
+perplexity of the recovered model is compared with the dense and the pruned one:
+gap closed = (ppl_pruned - ppl_recovered) / (ppl_pruned - ppl_dense). Prints a Markdown table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import machine, text_blocks, write_json  # noqa: E402
+
+from lit_prune import Distill, EndpointLoRA  # noqa: E402
+from lit_prune.assets import resolve_pretrained, resolve_text_source  # noqa: E402
+from lit_prune.components.mask_io import load_mask  # noqa: E402
+from lit_prune.components.surgery import drop_layers  # noqa: E402
+from lit_prune.components.teacher_cache import write_topk_cache  # noqa: E402
+from lit_prune.data import EpochShuffleSampler  # noqa: E402
+from lit_prune.metrics import shifted_token_nll  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@torch.no_grad()
+def perplexity(model, blocks: torch.Tensor, batch: int, device: str) -> float:
+    model.eval()
+    nll, count = 0.0, 0
+    for chunk in blocks.split(batch):
+        chunk = chunk.to(device)
+        logits = model(input_ids=chunk, use_cache=False).logits
+        n, c = shifted_token_nll(logits, chunk)
+        nll, count = nll + float(n), count + int(c)
+    return math.exp(nll / count)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="offline:smollm2-135m")
+    parser.add_argument("--text", nargs="+", default=["offline:britannica"])
+    parser.add_argument("--train-text", nargs="*", default=[])
+    parser.add_argument("--mask", required=True)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--val-blocks", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--variants", nargs="+",
+                        default=["endpoint_lora", "kd_entropy", "kd_plain", "kd_entropy_cached", "kd_plain_cached"])
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    folder = resolve_pretrained(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    train, val = text_blocks(tokenizer, [f for n in args.text for f in resolve_text_source(n)], args.seq)
+    if args.train_text:
+        extra, _ = text_blocks(tokenizer, [f for n in args.train_text for f in resolve_text_source(n)], args.seq,
+                               val_fraction=0.0001)
+        train = torch.cat([train, extra])
+    val = val[: args.val_blocks]
+    tokens = args.steps * args.batch * args.seq
+    mask = load_mask(args.mask)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device)
+    dense_ppl = perplexity(model, val, args.batch, device)
+    drop_layers(model, mask.drop)
+    pruned_ppl = perplexity(model, val, args.batch, device)
+    del model
+    results = {"machine": machine(), "args": vars(args), "train_blocks": len(train), "val_blocks": len(val),
+               "tokens_per_variant": tokens, "dense_ppl": dense_ppl, "pruned_ppl": pruned_ppl, "variants": {}}
+
+    def loader() -> DataLoader:
+        rows = [{"input_ids": b, "labels": b} for b in train]
+        return DataLoader(rows, batch_size=args.batch, sampler=EpochShuffleSampler(len(rows), 1337))
+
+    cache_dir = None
+    if any(v.endswith("_cached") for v in args.variants):
+        cache_dir = Path(tempfile.mkdtemp()) / "teacher_topk"
+        start = time.perf_counter()
+        teacher = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device).eval()
+        write_topk_cache(teacher, [{"input_ids": b} for b in train.split(args.batch)], cache_dir, k=args.k,
+                         model_id=args.model, device=device)
+        del teacher
+        meta = json.loads((cache_dir / "meta.json").read_text())
+        results["cache"] = {"k": args.k, "bytes_per_token": meta["bytes_per_token"],
+                            "num_tokens": meta.get("num_tokens"), "seconds": time.perf_counter() - start}
+
+    optimizer = lambda p: torch.optim.AdamW(p, lr=args.lr, weight_decay=0.0)  # noqa: E731
+    for name in args.variants:
+        L.seed_everything(1337, verbose=False)
+        common = dict(pretrained=folder, mask=args.mask, dtype="bfloat16", optimizer=optimizer,
+                      allow_model_mismatch=True, target_modules=TARGETS)
+        if name == "endpoint_lora":
+            stage = EndpointLoRA(**common, loss="ce")
+        else:
+            teacher = dict(teacher_cache=str(cache_dir)) if name.endswith("_cached") else dict(teacher=folder)
+            weighting = "none" if "plain" in name else "normalized"
+            stage = Distill(**common, **teacher, weighting=weighting, train="lora", lora_layers="all")
+        trainer = L.Trainer(accelerator="auto", devices=1, max_steps=args.steps, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            limit_val_batches=0, gradient_clip_val=1.0)
+        start = time.perf_counter()
+        trainer.fit(stage, train_dataloaders=loader())
+        seconds = time.perf_counter() - start
+        ppl = perplexity(stage.model, val, args.batch, device)
+        closed = (pruned_ppl - ppl) / (pruned_ppl - dense_ppl)
+        trainable = sum(p.numel() for p in stage.parameters() if p.requires_grad)
+        results["variants"][name] = {"ppl": ppl, "gap_closed": closed, "seconds": seconds, "trainable": trainable,
+                                     "tokens_per_s": tokens / seconds}
+        del stage, trainer
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    write_json(args.out, results)
+
+    print(f"\nmachine: {results['machine']}; mask: {mask.describe()}")
+    print(f"train blocks: {len(train)} x {args.seq}; held-out: {len(val)} x {args.seq}; "
+          f"tokens per variant: {tokens:,} ({args.steps} steps x {args.batch} x {args.seq})")
+    if "cache" in results:
+        print(f"teacher top-{args.k} cache: {results['cache']['bytes_per_token']} bytes/token")
+    print("| model | held-out ppl | gap closed | trainable params | seconds |")
+    print("|---|---|---|---|---|")
+    print(f"| dense | {dense_ppl:.2f} | | | |")
+    print(f"| pruned ({len(mask.drop)}/{mask.num_layers} layers) | {pruned_ppl:.2f} | 0% | | |")
+    for name, v in results["variants"].items():
+        print(f"| {name} | {v['ppl']:.2f} | {v['gap_closed']:.0%} | {v['trainable']:,} | {v['seconds']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
