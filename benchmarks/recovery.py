@@ -40,7 +40,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 @torch.no_grad()
 def perplexity(model, blocks: torch.Tensor, batch: int, device: str) -> float:
-    model.eval()
+    model.to(device).eval()  # Lightning moves a module back to the CPU when fit ends
     nll, count = 0.0, 0
     for chunk in blocks.split(batch):
         chunk = chunk.to(device)
