@@ -1,28 +1,51 @@
 #!/usr/bin/env bash
-# End-to-end demo on the offline SmolLM2-135M and the offline 1911 Britannica text (2-core CPU: a few minutes).
+# End-to-end demo on the offline SmolLM2-135M and the offline 1911 Britannica text (2-core CPU: about 10 minutes):
+# CLP mask search -> endpoint LoRA recovery -> vanilla export -> dense vs pruned vs recovered perplexity.
 #   make demo            (or: PYTHON=.venv/bin/python bash scripts/demo.sh)
+# Shorter or longer: DEMO_SEARCH_STEPS=40 DEMO_RECOVERY_STEPS=40 make demo
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 OUT=${DEMO_OUT:-runs/demo}
-MASK=configs/masks/smollm2_drop_13_19.json
+SEARCH_STEPS=${DEMO_SEARCH_STEPS:-40}
+RECOVERY_STEPS=${DEMO_RECOVERY_STEPS:-40}
+RUNS="$OUT/runs"
 mkdir -p "$OUT"
+quiet() { grep -vE "it/s\]|examples/s\]|Tip:|LeafSpec|eval mode|^\s*$" || true; }
 
 echo "== 1. offline assets (converted once, then cached)"
 $PY -m lit_prune assets
 
 echo "== 2. dense perplexity"
-$PY -m lit_prune validate -c configs/eval_smollm2.yaml --trainer.logger.init_args.name=dense 2>&1 | tee "$OUT/dense.log"
+$PY -m lit_prune validate -c configs/eval_smollm2.yaml --trainer.logger.init_args.save_dir="$RUNS" \
+  --trainer.logger.init_args.name=dense 2>&1 | tee "$OUT/dense.log" | quiet
 
-echo "== 3. drop a contiguous block by an explicit mask and export a vanilla checkpoint"
-$PY -m lit_prune export --model offline:smollm2-135m --mask "$MASK" --out "$OUT/pruned" --overwrite
+echo "== 3. CLP mask search: 8 of 30 layers, $SEARCH_STEPS steps (weights frozen, only the concave gate trains)"
+rm -rf "$RUNS/clp_smollm2/demo"
+$PY -m lit_prune fit -c configs/clp_smollm2.yaml --trainer.max_steps="$SEARCH_STEPS" --trainer.limit_val_batches=0 \
+  --trainer.logger.init_args.save_dir="$RUNS" --trainer.logger.init_args.version=demo 2>&1 | quiet
+MASK="$RUNS/clp_smollm2/demo/mask.json"
+cat "$MASK"
 
-echo "== 4. pruned perplexity"
-$PY -m lit_prune validate -c configs/eval_smollm2.yaml --model.init_args.pretrained="$OUT/pruned" \
-  --trainer.logger.init_args.name=pruned 2>&1 | tee "$OUT/pruned.log"
+echo "== 4. pruned perplexity (the mask applied by real surgery)"
+$PY -m lit_prune validate -c configs/eval_smollm2.yaml --model.init_args.mask="$MASK" \
+  --trainer.logger.init_args.save_dir="$RUNS" --trainer.logger.init_args.name=pruned 2>&1 | tee "$OUT/pruned.log" | quiet
 
-echo "== 5. the exported model loads with plain transformers and generates"
-$PY scripts/generate.py "$OUT/pruned" "The history of England"
+echo "== 5. endpoint LoRA recovery: $RECOVERY_STEPS steps, LoRA only next to the cut, merged into a vanilla checkpoint"
+rm -rf "$RUNS/clp_endpoint_smollm2/demo"
+$PY -m lit_prune fit -c configs/clp_endpoint_smollm2.yaml --model.init_args.mask="$MASK" \
+  --trainer.max_steps="$RECOVERY_STEPS" --trainer.limit_val_batches=0 \
+  --trainer.logger.init_args.save_dir="$RUNS" --trainer.logger.init_args.version=demo 2>&1 | quiet
+RECOVERED="$RUNS/clp_endpoint_smollm2/demo/pruned"
 
-echo "== summary"
-$PY scripts/summarize_logs.py "$OUT/dense.log" "$OUT/pruned.log"
+echo "== 6. recovered perplexity (the exported folder, loaded like any HF checkpoint)"
+$PY -m lit_prune validate -c configs/eval_smollm2.yaml --model.init_args.pretrained="$RECOVERED" \
+  --trainer.logger.init_args.save_dir="$RUNS" --trainer.logger.init_args.name=recovered 2>&1 \
+  | tee "$OUT/recovered.log" | quiet
+
+echo "== 7. the recovered model loads with plain transformers and generates"
+$PY scripts/generate.py "$RECOVERED" "The history of England"
+
+echo "== summary (held-out Britannica, 16 x 256 tokens)"
+$PY scripts/summarize_logs.py "$OUT/dense.log" "$OUT/pruned.log" "$OUT/recovered.log"
+echo "TensorBoard: tensorboard --logdir $RUNS"
