@@ -57,6 +57,10 @@ def test_config_runs_on_tiny_model(config, tiny_checkpoint, tiny_text, tmp_path,
     if "ratio" in raw["model"]["init_args"] or "num_drop" in raw["model"]["init_args"]:
         args += ["--model.init_args.ratio=null", "--model.init_args.num_drop=2"]
     init_args = raw["model"]["init_args"]
+    if raw["data"].get("prompt_field"):
+        args += ["--data.prompt_field=null", "--data.input_field=null", "--data.response_field=null"]
+    if raw["data"].get("dataset_config"):
+        args.append("--data.dataset_config=null")
     if init_args.get("mask"):
         args.append(f"--model.init_args.mask={request.getfixturevalue('tiny_mask')}")
     if init_args.get("teacher"):
@@ -74,3 +78,13 @@ def test_config_runs_on_tiny_model(config, tiny_checkpoint, tiny_text, tmp_path,
     mask = json.loads(masks[0].read_text())
     assert mask["num_layers"] == 6 and len(mask["drop"]) == 2
     assert 0 not in mask["drop"] and 5 not in mask["drop"], "first and last layers are protected in every config"
+    for callback in raw["trainer"].get("callbacks", []):
+        if callback["class_path"].endswith("TemperatureSchedule"):
+            assert cli.model.temperature == pytest.approx(callback["init_args"]["end"]), "the schedule reached its end"
+    if stage in ("lit_prune.EndpointLoRA", "lit_prune.Distill"):
+        from transformers import AutoModelForCausalLM
+
+        assert masks[0].parent.name == "pruned", "recovery stages export the merged model with its mask"
+        assert AutoModelForCausalLM.from_pretrained(masks[0].parent).config.num_hidden_layers == 4
+    if init_args.get("teacher_cache"):
+        assert cli.model.teacher_model is None, "a cached teacher loads no teacher model"
