@@ -52,9 +52,11 @@ def decode_tokens_per_s(model, batch: int, prompt: int, new: int, device: str, c
 
     input_ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=device)
     step = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False) if compiled else model.forward
+    # One cache for every repeat: a new cache object per run makes torch.compile recompile each time.
+    cache = StaticCache(config=model.config, max_cache_len=prompt + new)
 
     def run():
-        cache = StaticCache(config=model.config, max_cache_len=prompt + new)
+        cache.reset()
         out = model(input_ids=input_ids, past_key_values=cache, use_cache=True,
                     cache_position=torch.arange(prompt, device=device))
         token = out.logits[:, -1:].argmax(-1)
@@ -103,7 +105,7 @@ def main() -> None:
     parser.add_argument("--decode-new", type=int, default=64)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="also time a compiled decode step (slow to warm up)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
