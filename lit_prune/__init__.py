@@ -1,30 +1,45 @@
-"""lit_prune: remove whole decoder layers from Hugging Face causal LMs and heal what is left."""
+"""lit_prune: remove whole decoder layers from Hugging Face causal LMs and heal what is left.
 
-from lit_prune.components.gates import ConcaveGate, GumbelTopKGate, LayerGate
-from lit_prune.components.gating import LayerGating
-from lit_prune.components.mask_io import MaskArtifact, load_mask, save_mask
-from lit_prune.components.surgery import drop_layers, endpoint_layers
-from lit_prune.components.teacher_cache import TopKCache, write_topk_cache
-from lit_prune.data import PruneDataModule
-from lit_prune.stages import Baseline, Distill, EndpointLoRA, Evaluate, MaskSearch, PruneStage
+Public names are imported on first use (PEP 562), so light tools such as ``python -m lit_prune.reports`` do not pay
+for importing Lightning. ``from lit_prune import MaskSearch`` and ``class_path: lit_prune.MaskSearch`` work as usual.
+"""
 
-__all__ = [
-    "Baseline",
-    "ConcaveGate",
-    "Distill",
-    "EndpointLoRA",
-    "Evaluate",
-    "GumbelTopKGate",
-    "LayerGate",
-    "LayerGating",
-    "MaskArtifact",
-    "MaskSearch",
-    "PruneDataModule",
-    "PruneStage",
-    "TopKCache",
-    "drop_layers",
-    "endpoint_layers",
-    "load_mask",
-    "save_mask",
-    "write_topk_cache",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Baseline": "lit_prune.stages",
+    "ConcaveGate": "lit_prune.components.gates",
+    "Distill": "lit_prune.stages",
+    "EndpointLoRA": "lit_prune.stages",
+    "Evaluate": "lit_prune.stages",
+    "GumbelTopKGate": "lit_prune.components.gates",
+    "LayerGate": "lit_prune.components.gates",
+    "LayerGating": "lit_prune.components.gating",
+    "MaskArtifact": "lit_prune.components.mask_io",
+    "MaskSearch": "lit_prune.stages",
+    "PruneDataModule": "lit_prune.data",
+    "PruneStage": "lit_prune.stages",
+    "TopKCache": "lit_prune.components.teacher_cache",
+    "drop_layers": "lit_prune.components.surgery",
+    "endpoint_layers": "lit_prune.components.surgery",
+    "load_mask": "lit_prune.components.mask_io",
+    "save_mask": "lit_prune.components.mask_io",
+    "write_topk_cache": "lit_prune.components.teacher_cache",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'lit_prune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
