@@ -3,6 +3,7 @@
 - ``fit|validate|test|predict``: LightningCLI; the stage is chosen by ``model.class_path`` and the model id is
   linked once into ``data.tokenizer``.
 - ``export --model M --mask mask.json --out DIR``: apply a mask to a model and write a vanilla smaller checkpoint.
+- ``evaluate --models dense=M pruned=DIR ...``: perplexity (and lm-eval accuracy) side by side, with retention.
 - ``cache-teacher``: write a dense teacher's top-K logits for the training blocks (offline KD).
 - ``assets``: prepare the offline model and corpus and print where they are.
 """
@@ -17,7 +18,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from lit_prune.data import PruneDataModule
 from lit_prune.stages import PruneStage
 
-EXTRA_COMMANDS = ("export", "assets", "cache-teacher")
+EXTRA_COMMANDS = ("export", "assets", "cache-teacher", "evaluate")
 
 
 class LitPruneCLI(LightningCLI):
@@ -63,9 +64,11 @@ def main(args: ArgsType = None) -> LitPruneCLI | None:
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] in EXTRA_COMMANDS:
         try:
+            from lit_prune.evaluate_models import evaluate_main
             from lit_prune.teacher_cache_cli import cache_teacher_main
 
-            commands = {"export": export_main, "assets": assets_main, "cache-teacher": cache_teacher_main}
+            commands = {"export": export_main, "assets": assets_main, "cache-teacher": cache_teacher_main,
+                        "evaluate": evaluate_main}
             commands[argv[0]](argv[1:])
         except (ValueError, FileExistsError, RuntimeError) as err:
             # Input errors are the user's to fix: show the message, not a traceback.
@@ -82,7 +85,7 @@ def main(args: ArgsType = None) -> LitPruneCLI | None:
         # Runs with a logger get their own version folder; without one, re-runs would otherwise refuse to start.
         save_config_kwargs={"overwrite": True},
         parser_kwargs={
-            "epilog": "Other commands: `python -m lit_prune export --help`, "
+            "epilog": "Other commands: `python -m lit_prune export --help`, `python -m lit_prune evaluate --help`, "
             "`python -m lit_prune cache-teacher --help`, `python -m lit_prune assets`."
         },
     )

@@ -1,0 +1,498 @@
+"""Evaluate a dense model and its pruned/recovered variants on the same data in one run.
+
+``python -m lit_prune evaluate --models dense=offline:smollm2-135m pruned=runs/demo/pruned
+--text-files offline:britannica --max-length 256 --stride 256 --max-blocks 16 [--tasks piqa arc_easy --limit 100]
+--out DIR``
+
+- Perplexity: the held-out blocks of :class:`~lit_prune.data.PruneDataModule` (the same blocks ``validate`` uses),
+  tokenized once with the reference model's tokenizer. Every model must share that tokenizer (checked on a probe
+  string and the config's ``vocab_size`` before any weights load), otherwise the perplexities are not comparable.
+- Zero-shot accuracy: lm-evaluation-harness on the in-memory model (optional extra ``lit_prune[lm_eval]``).
+- Retention of every model against the reference (the model named ``dense``, else the first one): per task
+  ``model / dense`` accuracy, for perplexity ``dense_ppl / model_ppl``; averaged over the tasks both as the mean of
+  the ratios and as the ratio of the mean accuracies.
+
+Writes ``results.json`` and ``results.md`` (a Markdown table) into ``--out``, each atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lit_prune.assets import resolve_pretrained
+from lit_prune.metrics import IGNORE_INDEX, shifted_token_nll
+
+PROBE = "The quick brown fox, 1911: Shakespeare's \"Hamlet\" (Act III) -- to be, or not to be?\n\tÜber café ünïcode."
+REFERENCE_NAME = "dense"
+INSTALL_HINT = "pip install 'lit_prune[lm_eval]'"
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def parse_models(specs: Sequence[str]) -> dict[str, str]:
+    """Turn ``NAME=MODEL`` strings into an ordered ``{name: model}`` dict.
+
+    Raises:
+        ValueError: A spec without ``=``, an empty name or model, or a repeated name.
+    """
+    models: dict[str, str] = {}
+    for spec in specs:
+        name, sep, model = spec.partition("=")
+        name, model = name.strip(), model.strip()
+        if not sep or not name or not model:
+            raise ValueError(
+                f"`--models` entry {spec!r} is not NAME=MODEL. Write e.g. dense=offline:smollm2-135m "
+                "pruned=runs/demo/pruned."
+            )
+        if name in models:
+            raise ValueError(f"`--models` names {name!r} twice; give every model a distinct name.")
+        models[name] = model
+    if not models:
+        raise ValueError("`--models` is empty; pass at least one NAME=MODEL (the reference, e.g. dense=...).")
+    return models
+
+
+def reference_name(models: dict[str, str]) -> str:
+    """The model named ``dense`` if there is one, else the first model."""
+    return REFERENCE_NAME if REFERENCE_NAME in models else next(iter(models))
+
+
+def check_same_tokenizer(models: dict[str, str]) -> None:
+    """Check every model tokenizes a probe string identically and has the same vocab size; loads no weights.
+
+    Raises:
+        ValueError: Names the two models that differ; their perplexities would not be comparable.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    seen: list[tuple[str, list[int], int | None]] = []
+    for name, model in models.items():
+        path = resolve_pretrained(model)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            config = AutoConfig.from_pretrained(path)
+        except (OSError, ValueError) as err:
+            raise ValueError(
+                f"`--models` entry {name}={model!r} has no loadable tokenizer/config: {err}. Pass a hub id, a local "
+                "folder with config.json and tokenizer files (exports from `lit_prune export` have both), or "
+                "offline:smollm2-135m."
+            ) from None
+        ids = list(tokenizer(PROBE)["input_ids"])
+        vocab = getattr(config, "vocab_size", None)
+        for other, other_ids, other_vocab in seen:
+            if ids != other_ids or vocab != other_vocab:
+                what = "vocab_size" if ids == other_ids else "token ids of a probe string"
+                raise ValueError(
+                    f"`--models` {other}={models[other]!r} and {name}={model!r} use different tokenizers ({what} "
+                    f"differ: vocab_size {other_vocab} vs {vocab}), so their perplexities would not be comparable. "
+                    "Compare only models that share one tokenizer (a dense model and its pruned exports)."
+                )
+        seen.append((name, ids, vocab))
+
+
+def _lm_eval():
+    """Import lm_eval (an optional extra); a clear error if it is missing."""
+    try:
+        import lm_eval
+        import lm_eval.models.huggingface
+        import lm_eval.tasks
+    except ImportError as err:
+        raise RuntimeError(
+            f"`--tasks` needs lm-evaluation-harness, which is not installed ({err}). Install it with "
+            f"`{INSTALL_HINT}`, or drop --tasks to report perplexity only."
+        ) from None
+    return lm_eval
+
+
+def _task_manager(lm_eval, include_path: str | None):
+    return lm_eval.tasks.TaskManager(include_path=include_path) if include_path else lm_eval.tasks.TaskManager()
+
+
+def check_tasks(task_manager, tasks: Sequence[str]) -> None:
+    """Fail early (before any weights load) on task names lm-eval does not know."""
+    known = set(task_manager.all_tasks)
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        raise ValueError(
+            f"`--tasks` has unknown lm-eval task(s) {unknown}. List the valid names with `lm_eval ls tasks` "
+            "(or `python -c \"from lm_eval.tasks import TaskManager; print(TaskManager().all_tasks)\"`); local "
+            "task YAMLs need `--task-include-path DIR`."
+        )
+
+
+# ------------------------------------------------------------------------------------------------ perplexity
+def build_eval_blocks(
+    tokenizer: str,
+    text_files: list[str] | None,
+    dataset: str | None,
+    dataset_config: str | None,
+    split: str,
+    text_field: str,
+    max_length: int,
+    val_fraction: float,
+    max_blocks: int | None,
+) -> tuple[torch.Tensor, str]:
+    """Token blocks ``[num_blocks, max_length]`` from PruneDataModule and a description of the source.
+
+    With ``val_fraction > 0`` they are the held-out tail that ``validate`` reports on; with 0, every block.
+    """
+    from lit_prune.data import DataConfigError, PruneDataModule
+
+    dm = PruneDataModule(
+        tokenizer=tokenizer, text_files=text_files, dataset=dataset, dataset_config=dataset_config, split=split,
+        text_field=text_field, max_length=max_length, batch_size=1, val_fraction=val_fraction,
+        max_val_blocks=max_blocks,
+    )
+    if val_fraction > 0:
+        dm.setup("validate")
+        blocks = dm.val_set
+    else:
+        dm._check_context()
+        blocks = dm.build_blocks()
+        if max_blocks is not None:
+            blocks = blocks.select(range(min(max_blocks, len(blocks))))
+    if len(blocks) == 0:
+        raise DataConfigError("The evaluation data hold no block; add text or lower --max-length.")
+    source = f"text_files={dm.files}" if dm.files is not None else (
+        f"dataset={dataset!r} config={dataset_config!r} split={split!r} text_field={text_field!r}"
+    )
+    return torch.stack([torch.as_tensor(b) for b in blocks["input_ids"]]), source
+
+
+def sliding_windows(blocks: torch.Tensor, max_length: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows of ``max_length`` tokens every ``stride`` tokens over the concatenated blocks, with labels.
+
+    Each token is scored once: in a window, the tokens already scored by the previous one are labelled
+    ``IGNORE_INDEX`` (they are context only). ``stride == max_length`` gives back the blocks themselves.
+    """
+    if stride == max_length:
+        return blocks, blocks.clone()
+    stream = blocks.reshape(-1)
+    windows, labels, scored_to = [], [], 0
+    for start in range(0, stream.numel() - max_length + 1, stride):
+        window = stream[start : start + max_length]
+        label = window.clone()
+        # Position p predicts token p+1 through the shift, so tokens < scored_to are hidden.
+        label[: max(0, scored_to - start)] = IGNORE_INDEX
+        windows.append(window)
+        labels.append(label)
+        scored_to = start + max_length
+    return torch.stack(windows), torch.stack(labels)
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int) -> dict[str, Any]:
+    """Token perplexity (exp of the mean next-token NLL) of ``model`` over the given windows."""
+    device = next(model.parameters()).device
+    nll_sum, count = 0.0, 0
+    for i in range(0, len(inputs), batch_size):
+        ids = inputs[i : i + batch_size].to(device)
+        logits = model(input_ids=ids, use_cache=False).logits
+        nll, n = shifted_token_nll(logits, labels[i : i + batch_size].to(device))
+        nll_sum += float(nll.double())
+        count += int(n)
+    return {"ppl": math.exp(nll_sum / max(count, 1)), "nll": nll_sum / max(count, 1), "tokens": count}
+
+
+# ------------------------------------------------------------------------------------------------ zero-shot
+def primary_metric(task_result: dict[str, Any]) -> tuple[str, float] | None:
+    """The accuracy retention is computed on: ``acc`` if reported, else the first numeric non-stderr metric."""
+    numeric = {
+        k: float(v) for k, v in task_result.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and "stderr" not in k and k != "alias"
+    }
+    for key in ("acc,none", "acc_norm,none"):
+        if key in numeric:
+            return key, numeric[key]
+    return next(iter(numeric.items()), None)
+
+
+def zero_shot(lm_eval, model, tokenizer, tasks, task_manager, limit, num_fewshot, batch_size) -> dict[str, Any]:
+    """Run lm-eval tasks on an in-memory model; ``{task: {"metric", "value", "all"}}``."""
+    hflm = lm_eval.models.huggingface.HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    out = lm_eval.simple_evaluate(
+        model=hflm, tasks=list(tasks), limit=limit, num_fewshot=num_fewshot, task_manager=task_manager,
+        log_samples=False,
+    )
+    results: dict[str, Any] = {}
+    for task in tasks:
+        res = out["results"].get(task, {})
+        picked = primary_metric(res)
+        results[task] = {
+            "metric": picked[0] if picked else None,
+            "value": picked[1] if picked else None,
+            "all": {k: v for k, v in res.items() if isinstance(v, (int, float, str))},
+        }
+    return results
+
+
+# ------------------------------------------------------------------------------------------------ retention
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0 or not math.isfinite(a) or not math.isfinite(b):
+        return None
+    return a / b
+
+
+def retention(reference: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    """Retention of ``result`` against ``reference``.
+
+    ``ppl``: dense_ppl / model_ppl. ``tasks``: model_acc / dense_acc per task. ``mean_of_ratios``: the mean of the
+    per-task ratios; ``ratio_of_means``: mean model accuracy / mean dense accuracy (both over the tasks).
+    """
+    out: dict[str, Any] = {"ppl": None, "tasks": {}, "mean_of_ratios": None, "ratio_of_means": None}
+    if reference.get("ppl") is not None and result.get("ppl") is not None:
+        out["ppl"] = _ratio(reference["ppl"]["ppl"], result["ppl"]["ppl"])
+    ref_tasks, tasks = reference.get("tasks") or {}, result.get("tasks") or {}
+    pairs = [(tasks[t]["value"], ref_tasks[t]["value"]) for t in ref_tasks if t in tasks]
+    pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+    for task in ref_tasks:
+        if task in tasks:
+            out["tasks"][task] = _ratio(tasks[task]["value"], ref_tasks[task]["value"])
+    ratios = [r for r in out["tasks"].values() if r is not None]
+    if ratios and len(ratios) == len(pairs):
+        out["mean_of_ratios"] = sum(ratios) / len(ratios)
+    if pairs:
+        out["ratio_of_means"] = _ratio(sum(a for a, _ in pairs) / len(pairs), sum(b for _, b in pairs) / len(pairs))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ output
+def prepare_out_dir(out: str | Path, overwrite: bool) -> Path:
+    """Create ``out``; refuse a non-empty one unless ``overwrite``."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"`--out`={str(out)!r} is a file; pass a folder.")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"`--out`={str(out)!r} is not empty. Pick a new folder or pass --overwrite to replace its results files."
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to a temp file next to ``path``, then rename it over ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    """One row per model: perplexity, task accuracies, and their retention against the reference."""
+    tasks = results["protocol"]["tasks"]
+    has_ppl = results["protocol"]["perplexity"] is not None
+    head = ["model", "layers"] + (["ppl", "ppl retention"] if has_ppl else [])
+    head += [t for t in tasks] + [f"{t} retention" for t in tasks]
+    head += ["mean-of-ratios", "ratio-of-means"] if tasks else []
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, res in results["models"].items():
+        ret = res["retention"] or {}
+        row = [f"{name}{' (reference)' if name == results['reference'] else ''}", str(res["num_layers"])]
+        if has_ppl:
+            row += [_fmt(res["ppl"]["ppl"], 3), _fmt(ret.get("ppl"))]
+        row += [_fmt(res["tasks"][t]["value"]) for t in tasks]
+        row += [_fmt((ret.get("tasks") or {}).get(t)) for t in tasks]
+        row += [_fmt(ret.get("mean_of_ratios")), _fmt(ret.get("ratio_of_means"))] if tasks else []
+        lines.append("| " + " | ".join(row) + " |")
+    proto = results["protocol"]
+    notes = [f"Reference: `{results['reference']}`. Retention: ppl = reference ppl / model ppl; task = model acc / "
+             "reference acc; mean-of-ratios and ratio-of-means over the tasks."]
+    if has_ppl:
+        p = proto["perplexity"]
+        notes.append(f"Perplexity: {p['num_windows']} windows of {p['max_length']} tokens, stride {p['stride']}, "
+                     f"{p['num_scored_tokens']} scored tokens; data {p['data_source']}; {p['bos']}")
+    if tasks:
+        notes.append(f"Zero-shot: lm-eval {proto['lm_eval_version']}, limit {proto['limit']}, "
+                     f"num_fewshot {proto['num_fewshot']}, metric per task as listed in results.json.")
+    models = "\n".join(f"- `{n}`: `{r['model']}` (dtype {r['dtype']})" for n, r in results["models"].items())
+    return "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n\nModels:\n\n" + models + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ API
+def evaluate(
+    models: dict[str, str],
+    out: str | Path | None = None,
+    text_files: list[str] | None = None,
+    dataset: str | None = None,
+    dataset_config: str | None = None,
+    split: str = "train",
+    text_field: str = "text",
+    max_length: int = 256,
+    stride: int | None = None,
+    val_fraction: float = 0.1,
+    max_blocks: int | None = None,
+    batch_size: int = 4,
+    tasks: Sequence[str] | None = None,
+    limit: int | float | None = None,
+    num_fewshot: int | None = 0,
+    task_include_path: str | None = None,
+    task_manager: Any = None,
+    dtype: str = "auto",
+    device: str | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Evaluate every model on the same perplexity data and lm-eval tasks; optionally write results to ``out``.
+
+    Args:
+        models: ``{name: model id/folder/offline alias}``; ``dense`` (else the first) is the reference.
+        out: Folder for ``results.json`` and ``results.md`` (must be empty or new unless ``overwrite``).
+        text_files: Local files/globs or offline corpora for perplexity (exclusive with ``dataset``).
+        dataset: Hub dataset id for perplexity.
+        dataset_config: Configuration of ``dataset``.
+        split: Split of ``dataset``.
+        text_field: Text column of the data.
+        max_length: Tokens per window.
+        stride: Tokens between window starts (default ``max_length``: disjoint blocks).
+        val_fraction: Held-out tail of the blocks to evaluate on (as ``validate``); 0 evaluates every block.
+        max_blocks: Cap on the number of blocks.
+        batch_size: Windows per forward pass (also lm-eval's batch size).
+        tasks: lm-eval task names (needs ``lit_prune[lm_eval]``).
+        limit: lm-eval ``limit`` (examples per task, or a fraction).
+        num_fewshot: lm-eval few-shot examples.
+        task_include_path: Folder of extra lm-eval task YAMLs.
+        task_manager: A ready ``lm_eval.tasks.TaskManager`` (indexing the default tasks takes seconds; pass one to
+            reuse it across calls); overrides ``task_include_path``.
+        dtype: Dtype the weights are loaded in.
+        device: Torch device (default: cuda if available, else cpu).
+        overwrite: Replace results in a non-empty ``out``.
+
+    Returns:
+        The results dict written to ``results.json``.
+    """
+    from lit_prune.data import DataConfigError
+    from lit_prune.stages.base import load_causal_lm, load_config
+
+    tasks = list(tasks or [])
+    has_data = text_files is not None or dataset is not None
+    if not has_data and not tasks:
+        raise ValueError("Nothing to evaluate: pass a perplexity source (--text-files or --dataset) and/or --tasks.")
+    stride = max_length if stride is None else stride
+    if not 1 <= stride <= max_length:
+        raise ValueError(f"`--stride`={stride} must be in [1, --max-length={max_length}]. Use --stride {max_length}.")
+    if batch_size < 1:
+        raise ValueError(f"`--batch-size`={batch_size} must be >= 1.")
+    # Everything cheap first: output folder, configs, tokenizers, lm-eval and its task names, the data.
+    out_dir = prepare_out_dir(out, overwrite) if out is not None else None
+    configs = {name: load_config(model, key=f"--models {name}") for name, model in models.items()}
+    check_same_tokenizer(models)
+    ref = reference_name(models)
+    lm_eval = None
+    if tasks:
+        lm_eval = _lm_eval()
+        task_manager = task_manager or _task_manager(lm_eval, task_include_path)
+        check_tasks(task_manager, tasks)
+    ppl_protocol, inputs, labels = None, None, None
+    if has_data:
+        blocks, source = build_eval_blocks(
+            models[ref], text_files, dataset, dataset_config, split, text_field, max_length, val_fraction, max_blocks
+        )
+        inputs, labels = sliding_windows(blocks, max_length, stride)
+        num_scored = int((labels[:, 1:] != IGNORE_INDEX).sum())
+        if num_scored == 0:
+            raise DataConfigError("The evaluation data hold no scorable token; add text or lower --max-length.")
+        ppl_protocol = {
+            "max_length": max_length, "stride": stride, "num_blocks": int(blocks.shape[0]),
+            "num_tokens": int(blocks.numel()), "num_windows": int(inputs.shape[0]), "num_scored_tokens": num_scored,
+            "val_fraction": val_fraction, "max_blocks": max_blocks, "data_source": source,
+            "bos": "each record is tokenized with the tokenizer's own special tokens (a BOS where the tokenizer adds "
+                   "one) and followed by one EOS; the stream is cut into blocks of max_length tokens (no padding, "
+                   "no extra BOS per block); the first token of each window is context only.",
+            "tokenizer": models[ref],
+        }
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    results: dict[str, Any] = {"reference": ref, "models": {}}
+    tokenizer = None
+    if tasks:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(models[ref]))
+    for name, model_id in models.items():
+        model = load_causal_lm(model_id, dtype).to(device).eval()
+        entry: dict[str, Any] = {
+            "model": model_id, "num_layers": int(configs[name].num_hidden_layers),
+            "num_parameters": sum(p.numel() for p in model.parameters()),
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "ppl": None, "tasks": {},
+        }
+        if inputs is not None:
+            entry["ppl"] = perplexity(model, inputs, labels, batch_size)
+        if tasks:
+            entry["tasks"] = zero_shot(lm_eval, model, tokenizer, tasks, task_manager, limit, num_fewshot, batch_size)
+        results["models"][name] = entry
+        del model
+    for name, entry in results["models"].items():
+        entry["retention"] = None if name == ref else retention(results["models"][ref], entry)
+    results["protocol"] = {
+        "perplexity": ppl_protocol, "tasks": tasks, "limit": limit, "num_fewshot": num_fewshot,
+        "lm_eval_version": getattr(lm_eval, "__version__", None) if lm_eval else None, "dtype": dtype,
+        "device": device, "batch_size": batch_size,
+    }
+    # Keep protocol first in the file for readers.
+    results = {"protocol": results.pop("protocol"), **results}
+    if out_dir is not None:
+        write_atomically(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
+        write_atomically(out_dir / "results.md", results_markdown(results))
+    return results
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def _limit(value: str) -> int | float:
+    number = float(value)
+    return int(number) if number.is_integer() and number >= 1 else number
+
+
+def evaluate_main(argv: list[str]) -> None:
+    """``python -m lit_prune evaluate --models dense=M pruned=P ... --out DIR``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m lit_prune evaluate",
+        description="Evaluate a dense model and pruned/recovered models on the same data: perplexity, optional "
+        "lm-eval zero-shot accuracy, and retention against the reference (`dense`, else the first model).",
+    )
+    parser.add_argument("--models", nargs="+", required=True, metavar="NAME=MODEL",
+                        help="e.g. dense=offline:smollm2-135m pruned=runs/demo/pruned (hub id, folder or alias).")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--text-files", nargs="+", help="Local files/globs or offline:britannica for perplexity.")
+    source.add_argument("--dataset", help="Hub dataset id for perplexity (e.g. wikitext).")
+    parser.add_argument("--dataset-config", help="Dataset configuration (e.g. wikitext-2-raw-v1).")
+    parser.add_argument("--split", default="train", help="Dataset split (default: train).")
+    parser.add_argument("--text-field", default="text", help="Text column (default: text).")
+    parser.add_argument("--max-length", type=int, default=256, help="Tokens per window (default: 256).")
+    parser.add_argument("--stride", type=int, default=None, help="Tokens between windows (default: --max-length).")
+    parser.add_argument("--val-fraction", type=float, default=0.1,
+                        help="Evaluate the held-out tail of the blocks, as `validate` (default 0.1); 0: every block.")
+    parser.add_argument("--max-blocks", type=int, default=None, help="Cap on the number of blocks.")
+    parser.add_argument("--batch-size", type=int, default=4, help="Windows per forward pass and lm-eval batch size.")
+    parser.add_argument("--tasks", nargs="+", default=None, help=f"lm-eval tasks (needs `{INSTALL_HINT}`).")
+    parser.add_argument("--limit", type=_limit, default=None, help="lm-eval examples per task (or a fraction).")
+    parser.add_argument("--num-fewshot", type=int, default=0, help="lm-eval few-shot examples (default 0).")
+    parser.add_argument("--task-include-path", default=None, help="Folder with extra lm-eval task YAMLs.")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default=None, help="Torch device (default: cuda if available, else cpu).")
+    parser.add_argument("--out", required=True, help="Folder for results.json and results.md (empty or new).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace results in a non-empty --out.")
+    args = parser.parse_args(argv)
+    results = evaluate(
+        parse_models(args.models), out=args.out, text_files=args.text_files, dataset=args.dataset,
+        dataset_config=args.dataset_config, split=args.split, text_field=args.text_field,
+        max_length=args.max_length, stride=args.stride, val_fraction=args.val_fraction, max_blocks=args.max_blocks,
+        batch_size=args.batch_size, tasks=args.tasks, limit=args.limit, num_fewshot=args.num_fewshot,
+        task_include_path=args.task_include_path, dtype=args.dtype, device=args.device, overwrite=args.overwrite,
+    )
+    print((Path(args.out) / "results.md").read_text())
+    print(f"wrote {Path(args.out) / 'results.json'} ({len(results['models'])} models)")

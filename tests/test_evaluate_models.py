@@ -1,0 +1,166 @@
+"""`python -m lit_prune evaluate`: dense vs pruned perplexity, retention, tokenizer checks, optional lm-eval."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import math
+
+import pytest
+from tiny import char_tokenizer, tiny_model
+
+from lit_prune.components.checkpoint import export_from_mask
+from lit_prune.components.mask_io import MaskArtifact
+from lit_prune.data import DataConfigError
+from lit_prune.evaluate_models import evaluate, evaluate_main, parse_models, retention, sliding_windows
+
+
+@pytest.fixture(scope="module")
+def pruned_checkpoint(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pruned") / "model"
+    mask = MaskArtifact.from_dict({"model": str(tiny_checkpoint), "num_layers": 6, "drop": [2, 3], "method": "manual"})
+    return export_from_mask(str(tiny_checkpoint), mask, out)
+
+
+def test_dense_vs_pruned_results_files(tiny_checkpoint, pruned_checkpoint, tiny_text, tmp_path):
+    out = tmp_path / "eval"
+    evaluate_main([
+        "--models", f"pruned={pruned_checkpoint}", f"dense={tiny_checkpoint}", "--text-files", str(tiny_text),
+        "--max-length", "32", "--max-blocks", "8", "--out", str(out),
+    ])
+    results = json.loads((out / "results.json").read_text())
+    assert results["reference"] == "dense"  # named dense wins over "first"
+    dense, pruned = results["models"]["dense"], results["models"]["pruned"]
+    assert (dense["num_layers"], pruned["num_layers"]) == (6, 4)
+    for entry in (dense, pruned):
+        assert math.isfinite(entry["ppl"]["ppl"]) and entry["ppl"]["ppl"] > 1
+        assert entry["ppl"]["tokens"] == 8 * 31
+    assert pruned["ppl"]["ppl"] != pytest.approx(dense["ppl"]["ppl"])
+    assert dense["retention"] is None
+    assert pruned["retention"]["ppl"] == pytest.approx(dense["ppl"]["ppl"] / pruned["ppl"]["ppl"])
+    proto = results["protocol"]["perplexity"]
+    assert (proto["max_length"], proto["stride"], proto["num_blocks"], proto["num_scored_tokens"]) == (32, 32, 8, 248)
+    assert "BOS" in proto["bos"] and results["protocol"]["dtype"] == "auto" and dense["dtype"] == "float32"
+    md = (out / "results.md").read_text()
+    assert "| dense (reference) |" in md and "| pruned |" in md
+    assert f"{pruned['ppl']['ppl']:.3f}" in md
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        evaluate({"dense": str(tiny_checkpoint)}, out=out, text_files=[str(tiny_text)], max_length=32)
+
+
+def test_stride_scores_every_token_once():
+    import torch
+
+    blocks = torch.arange(40).reshape(4, 10)
+    inputs, labels = sliding_windows(blocks, max_length=10, stride=5)
+    assert inputs.shape == (7, 10)
+    scored = [int(t) for w, lab in zip(inputs, labels) for t in lab[1:] if t != -100]
+    assert scored == list(range(1, 40))  # each token predicted exactly once; token 0 has no context
+    same_inputs, same_labels = sliding_windows(blocks, 10, 10)
+    assert torch.equal(same_inputs, blocks) and torch.equal(same_labels, blocks)
+
+
+def test_retention_formulas():
+    ref = {"ppl": {"ppl": 10.0}, "tasks": {"a": {"value": 0.8}, "b": {"value": 0.4}}}
+    res = {"ppl": {"ppl": 20.0}, "tasks": {"a": {"value": 0.4}, "b": {"value": 0.4}}}
+    ret = retention(ref, res)
+    assert ret["ppl"] == pytest.approx(0.5)
+    assert ret["tasks"] == {"a": pytest.approx(0.5), "b": pytest.approx(1.0)}
+    assert ret["mean_of_ratios"] == pytest.approx(0.75)
+    assert ret["ratio_of_means"] == pytest.approx(0.4 / 0.6)
+
+
+def test_models_spec_errors():
+    assert list(parse_models(["a=x", "b=y"])) == ["a", "b"]
+    with pytest.raises(ValueError, match="NAME=MODEL"):
+        parse_models(["just-a-path"])
+    with pytest.raises(ValueError, match="twice"):
+        parse_models(["a=x", "a=y"])
+
+
+def test_tokenizer_mismatch_is_refused_before_weights(tiny_checkpoint, tiny_text, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    other = tmp_path / "other"
+    model = tiny_model("gpt2")
+    model.resize_token_embeddings(model.config.vocab_size + 7)
+    model.save_pretrained(other)
+    tok = char_tokenizer()
+    tok.add_tokens(["the", "and", "Shakespeare"])  # different ids on the probe string
+    tok.save_pretrained(other)
+    assert AutoTokenizer.from_pretrained(other)("the")["input_ids"] != char_tokenizer()("the")["input_ids"]
+    import lit_prune.stages.base as base
+
+    monkeypatch.setattr(base, "load_causal_lm", lambda *a, **k: pytest.fail("weights loaded before the check"))
+    with pytest.raises(ValueError, match=r"dense=.*other=.*not be comparable"):
+        evaluate({"dense": str(tiny_checkpoint), "other": str(other)}, text_files=[str(tiny_text)], max_length=32)
+
+
+def test_empty_dataset_error(tiny_checkpoint, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"text": ""}\n')
+    with pytest.raises(DataConfigError, match="max_length"):
+        evaluate({"dense": str(tiny_checkpoint)}, text_files=[str(empty)], max_length=32, val_fraction=0)
+    with pytest.raises(ValueError, match="Nothing to evaluate"):
+        evaluate({"dense": str(tiny_checkpoint)})
+
+
+def test_missing_lm_eval_message(tiny_checkpoint, tmp_path, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_lm_eval(name, *args, **kwargs):
+        if name == "lm_eval" or name.startswith("lm_eval."):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_lm_eval)
+    with pytest.raises(RuntimeError, match=r"pip install 'lit_prune\[lm_eval\]'"):
+        evaluate({"dense": str(tiny_checkpoint)}, tasks=["piqa"], out=tmp_path / "o")
+
+
+TASK_YAML = """\
+task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+"""
+
+
+@pytest.fixture()
+def local_task(tmp_path):
+    pytest.importorskip("lm_eval", reason="lm-eval not installed (pip install 'lit_prune[lm_eval]')")
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    rows = [{"question": f"Q{i}: which is first?", "choices": [" a", " b", " c"], "label": i % 3} for i in range(8)]
+    (folder / "tiny_mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "tiny_mc.yaml").write_text(TASK_YAML.format(data=folder / "tiny_mc.jsonl"))
+    return folder
+
+
+def test_local_lm_eval_task(tiny_checkpoint, pruned_checkpoint, local_task, tmp_path):
+    results = evaluate(
+        {"dense": str(tiny_checkpoint), "pruned": str(pruned_checkpoint)}, out=tmp_path / "o", tasks=["tiny_mc"],
+        limit=5, num_fewshot=0, task_include_path=str(local_task), batch_size=2, device="cpu",
+    )
+    dense, pruned = results["models"]["dense"]["tasks"]["tiny_mc"], results["models"]["pruned"]["tasks"]["tiny_mc"]
+    assert dense["metric"] == "acc,none" and 0.0 <= dense["value"] <= 1.0 and 0.0 <= pruned["value"] <= 1.0
+    ret = results["models"]["pruned"]["retention"]
+    if dense["value"] > 0:
+        assert ret["tasks"]["tiny_mc"] == pytest.approx(pruned["value"] / dense["value"])
+        assert ret["mean_of_ratios"] == pytest.approx(ret["ratio_of_means"])  # one task: both averages agree
+    assert results["protocol"]["perplexity"] is None and results["protocol"]["lm_eval_version"]
+    assert "tiny_mc" in (tmp_path / "o" / "results.md").read_text()
+    from lm_eval.tasks import TaskManager
+
+    local_only = TaskManager(include_path=str(local_task), include_defaults=False)  # skips indexing ~15k tasks
+    with pytest.raises(ValueError, match="lm_eval ls tasks"):
+        evaluate({"dense": str(tiny_checkpoint)}, tasks=["tiny_mc", "no_such_task_xyz"], task_manager=local_only)
