@@ -8,13 +8,13 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from lit_prune.callbacks.temperature import _trainer_horizon
+from lit_prune.callbacks.step_schedule import StepSchedule
 from lit_prune.components.schedules import anneal_int, staircase
 
 TopKMode = Literal["linear", "cosine", "step"]
 
 
-class TopKAnnealing(L.Callback):
+class TopKAnnealing(StepSchedule):
     """Anneal the integer ``pl_module.<attr>`` from ``start`` to ``end``, then hold ``end`` (a top-k curriculum).
 
     The budget moves over the first ``warmup_fraction`` of the training steps and is set at the start of every
@@ -56,27 +56,13 @@ class TopKAnnealing(L.Callback):
             raise ValueError(f"`TopKAnnealing(mode=...)` must be one of {get_args(TopKMode)}, got {mode!r}.")
         if steps < 1:
             raise ValueError(f"`TopKAnnealing(steps=...)` must be >= 1, got steps={steps}.")
-        if not attr.isidentifier():
-            raise ValueError(f"`TopKAnnealing(attr=...)` must be an attribute name, got {attr!r}.")
-        if total_steps is not None and total_steps < 1:
-            raise ValueError(f"`TopKAnnealing(total_steps=...)` must be >= 1 or None, got total_steps={total_steps}.")
+        super().__init__(attr=attr, total_steps=total_steps, log=log)
         self.start = int(start)
         self.end = None if end is None else int(end)
         self.warmup_fraction = float(warmup_fraction)
         self.mode = mode
         self.steps = int(steps)
-        self.attr = attr
-        self.total_steps = total_steps
-        self.log = log
         self._end: int | None = self.end
-        self._horizon: int | None = None
-        self._last_value: int | None = None
-        self._last_step: int | None = None
-
-    @property
-    @override
-    def state_key(self) -> str:
-        return self._generate_state_key(attr=self.attr)
 
     @property
     def target_attr(self) -> str:
@@ -87,11 +73,6 @@ class TopKAnnealing(L.Callback):
     def resolved_end(self) -> int | None:
         """The budget the schedule ends on: ``end``, or the module's ``<attr>_target`` once set up."""
         return self._end
-
-    @property
-    def last_value(self) -> int | None:
-        """The budget most recently set on the module."""
-        return self._last_value
 
     def value_at(self, step: int) -> int:
         """Scheduled budget at optimizer step ``step`` (0-based)."""
@@ -107,11 +88,7 @@ class TopKAnnealing(L.Callback):
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         name = type(pl_module).__name__
-        if not hasattr(pl_module, self.attr):
-            raise AttributeError(
-                f"`TopKAnnealing(attr={self.attr!r})` drives `{name}.{self.attr}`, but {name} has no attribute "
-                f"{self.attr!r}. Add it to the module or set `attr` to the name of its budget attribute."
-            )
+        self.check_attribute(pl_module, "budget")
         target = getattr(pl_module, self.target_attr, None)
         if self.end is None:
             if target is None:
@@ -129,30 +106,6 @@ class TopKAnnealing(L.Callback):
             self._end = self.end
 
     @override
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        horizon = self.total_steps if self.total_steps is not None else _trainer_horizon(trainer, "TopKAnnealing")
-        if self._horizon is not None and self._horizon != horizon:
-            rank_zero_warn(
-                f"`TopKAnnealing(attr={self.attr!r})` was restored with a horizon of {self._horizon} steps, this run "
-                f"has {horizon}; from here on it follows the new horizon (the budget may jump)."
-            )
-        self._horizon = horizon
-        # Loops (and global_step) are restored after this hook: put the checkpoint's value back for pre-train hooks.
-        value = self._last_value if self._last_value is not None else self.value_at(trainer.global_step)
-        setattr(pl_module, self.attr, value)
-
-    @override
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        step = trainer.global_step
-        value = self.value_at(step)
-        setattr(pl_module, self.attr, value)
-        self._last_value, self._last_step = value, step
-        if self.log:
-            pl_module.log(f"schedule/{self.attr}", float(value), on_step=True, on_epoch=False)
-
-    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "horizon": self._horizon,
@@ -163,9 +116,7 @@ class TopKAnnealing(L.Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._horizon = state_dict["horizon"]
-        self._last_value = state_dict["last_value"]
-        self._last_step = state_dict["last_step"]
+        super().load_state_dict(state_dict)
         if state_dict["end"] is not None and self._end is not None and state_dict["end"] != self._end:
             rank_zero_warn(
                 f"`TopKAnnealing(attr={self.attr!r})` was saved ending on {state_dict['end']}, this run ends on "
