@@ -2,7 +2,8 @@
 
 from lit_prune.callbacks.export import ModelExport
 from lit_prune.callbacks.mask_monitor import MaskMonitor
+from lit_prune.callbacks.step_schedule import StepSchedule
 from lit_prune.callbacks.temperature import TemperatureSchedule
 from lit_prune.callbacks.topk import TopKAnnealing
 
-__all__ = ["MaskMonitor", "ModelExport", "TemperatureSchedule", "TopKAnnealing"]
+__all__ = ["MaskMonitor", "ModelExport", "StepSchedule", "TemperatureSchedule", "TopKAnnealing"]
