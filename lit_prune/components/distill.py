@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lit_prune.components.losses import Direction
+from lit_prune.components.losses import Direction, scored_positions
 
 Weighting = Literal["normalized", "linear", "none"]
 Teacher = Tensor | tuple[Tensor, Tensor]
@@ -78,15 +78,6 @@ def check_choice(value: str, allowed: type, key: str) -> None:
     choices = get_args(allowed)
     if value not in choices:
         raise ValueError(f"`{key}` must be one of {list(choices)}, got {value!r}.")
-
-
-def scored_positions(labels: Tensor | None, shape: torch.Size, ignore_index: int, device) -> Tensor:
-    """Bool ``[batch, seq]``: position t predicts label t+1; the last position predicts nothing known."""
-    if labels is None:
-        return torch.ones(shape, dtype=torch.bool, device=device)
-    mask = torch.zeros_like(labels, dtype=torch.bool)
-    mask[:, :-1] = labels[:, 1:] != ignore_index
-    return mask
 
 
 def weights_from_entropy(

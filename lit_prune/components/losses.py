@@ -50,6 +50,15 @@ def masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
+def scored_positions(labels: Tensor | None, shape: torch.Size, ignore_index: int, device) -> Tensor:
+    """Bool ``[batch, seq]``: position t predicts label t+1; the last position predicts nothing known."""
+    if labels is None:
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != ignore_index
+    return mask
+
+
 def next_token_ce(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
     """Mean next-token cross-entropy (labels aligned with inputs; shifted here)."""
     return F.cross_entropy(
@@ -70,9 +79,5 @@ def kl_loss(
     Scaled by ``temperature**2`` so gradient magnitudes do not shrink as the temperature grows (Hinton et al.).
     """
     kl = token_kl(teacher_logits, student_logits, direction, temperature)
-    mask = None
-    if labels is not None:
-        # Position t predicts token t+1; the last position predicts nothing known.
-        mask = torch.zeros_like(labels, dtype=torch.bool)
-        mask[:, :-1] = labels[:, 1:] != ignore_index
+    mask = None if labels is None else scored_positions(labels, kl.shape, ignore_index, kl.device)
     return masked_mean(kl, mask) * temperature**2
