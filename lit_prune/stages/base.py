@@ -62,6 +62,26 @@ def load_causal_lm(pretrained: str, dtype: Dtype = "auto") -> nn.Module:
     return AutoModelForCausalLM.from_pretrained(resolve_pretrained(pretrained), dtype=torch_dtype)
 
 
+def save_gated_as_pruned(stage: PruneStage, out_dir: str, overwrite: bool = False) -> None:
+    """Remove a gated stage's hooks, drop the layers of its ``mask_artifact()`` and save a vanilla checkpoint.
+
+    The stage holds the pruned model afterwards.
+    """
+    from transformers import AutoTokenizer
+
+    from lit_prune.components.checkpoint import save_pruned
+
+    artifact = stage.mask_artifact()
+    stage.gating.remove()
+    tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(stage.pretrained))
+    save_pruned(stage.model, artifact, out_dir, tokenizer=tokenizer, overwrite=overwrite)
+
+
+def strip_frozen_model(checkpoint: dict[str, Any]) -> None:
+    """Keep gates and buffers in a Lightning checkpoint; the frozen model is reloaded from ``pretrained``."""
+    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("model.")}
+
+
 class PruneStage(L.LightningModule):
     """Base of every lit_prune stage: loads one HF causal LM and reports validation perplexity.
 

@@ -28,7 +28,7 @@ from lit_prune.assets import canonical_model_id
 from lit_prune.components.gating import LayerGating
 from lit_prune.components.mask_io import MaskArtifact
 from lit_prune.components.scorers import SCORERS, LayerSelection, candidate_layers, score
-from lit_prune.stages.base import Dtype, PruneStage
+from lit_prune.stages.base import Dtype, PruneStage, save_gated_as_pruned, strip_frozen_model
 from lit_prune.stages.mask_search import num_drop_from
 
 BaselineMethod = Literal["block_influence", "angular", "sleb", "tail", "random", "window_scan", "kl_importance"]
@@ -123,18 +123,10 @@ class Baseline(PruneStage):
         )
 
     def save_pruned_model(self, out_dir: str, overwrite: bool = False) -> None:
-        from transformers import AutoTokenizer
-
-        from lit_prune.assets import resolve_pretrained
-        from lit_prune.components.checkpoint import save_pruned
-
-        artifact = self.mask_artifact()
-        self.gating.remove()
-        tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(self.pretrained))
-        save_pruned(self.model, artifact, out_dir, tokenizer=tokenizer, overwrite=overwrite)
+        save_gated_as_pruned(self, out_dir, overwrite)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("model.")}
+        strip_frozen_model(checkpoint)
 
 
 def _jsonable(value: Any) -> Any:

@@ -20,13 +20,12 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 
 from lit_prune.assets import canonical_model_id
-from lit_prune.components.checkpoint import save_pruned
 from lit_prune.components.gates import ConcaveGate, GumbelTopKGate, LayerGate, logits_from_importance
 from lit_prune.components.gating import LayerGating
 from lit_prune.components.losses import Direction, kl_loss, next_token_ce
 from lit_prune.components.mask_io import MaskArtifact
 from lit_prune.metrics import TokenPerplexity
-from lit_prune.stages.base import Dtype, PruneStage
+from lit_prune.stages.base import Dtype, PruneStage, save_gated_as_pruned, strip_frozen_model
 
 METHOD_NAMES = {ConcaveGate: "clp", GumbelTopKGate: "e3"}
 
@@ -162,14 +161,7 @@ class MaskSearch(PruneStage):
 
     def save_pruned_model(self, out_dir: str, overwrite: bool = False) -> None:
         """Hard-prune the searched model and save it (the module holds the pruned model afterwards)."""
-        from transformers import AutoTokenizer
-
-        from lit_prune.assets import resolve_pretrained
-
-        artifact = self.mask_artifact()
-        self.gating.remove()
-        tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(self.pretrained))
-        save_pruned(self.model, artifact, out_dir, tokenizer=tokenizer, overwrite=overwrite)
+        save_gated_as_pruned(self, out_dir, overwrite)
 
     # ------------------------------------------------------------ model
     def on_model_loaded(self) -> None:
@@ -253,5 +245,4 @@ class MaskSearch(PruneStage):
         return self.optimizer_factory(self.gate.parameters())
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Keep the gate and buffers; the frozen model is reloaded from `pretrained` (a 70B checkpoint would be 140 GB).
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("model.")}
+        strip_frozen_model(checkpoint)  # a 70B checkpoint would otherwise be 140 GB
