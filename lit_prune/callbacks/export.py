@@ -1,4 +1,8 @@
-"""ModelExport: write the stage's mask.json (and, on request, the pruned model) when fit ends, on rank 0 only."""
+"""ModelExport: write the stage's mask.json (and, on request, the pruned model) when fit ends; rank 0 writes.
+
+``save_pruned_model`` is called on every rank, so that a sharded strategy can gather the weights; it must write on
+rank 0 only. ``mask_artifact`` is called on every rank too and must not differ between ranks.
+"""
 
 from __future__ import annotations
 
@@ -47,13 +51,15 @@ class ModelExport(L.Callback):
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
         out = self.output_dir(trainer)
         artifact = pl_module.mask_artifact()
+        if self.what in ("model", "both"):
+            # Every rank calls it: a sharded strategy gathers the weights collectively, and rank 0 writes.
+            pl_module.save_pruned_model(str(out / "pruned"), overwrite=self.overwrite)
+        if not trainer.is_global_zero:
+            return
         if self.what in ("mask", "both"):
             self.written.append(save_mask(out / "mask.json", artifact))
         if self.what in ("model", "both"):
-            pl_module.save_pruned_model(str(out / "pruned"), overwrite=self.overwrite)
             self.written.append(out / "pruned")
         pl_module.print(f"{artifact.describe()}\nwrote {', '.join(str(p) for p in self.written)}")

@@ -20,6 +20,14 @@ from torch import Tensor, nn
 from lit_prune.assets import resolve_pretrained
 from lit_prune.components.layers import check_supported
 from lit_prune.metrics import TokenPerplexity, shifted_token_nll
+from lit_prune.stages.distributed import (
+    average_gradients_,
+    build_on_meta,
+    check_run_settings,
+    clip_fsdp_gradients,
+    fsdp_strategy,
+    prepare_fsdp_loading,
+)
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -107,6 +115,25 @@ class PruneStage(L.LightningModule):
         self.config = load_config(pretrained)
         self.model: nn.Module | None = None
         self.val_ppl = TokenPerplexity()
+        self.weights_on_meta = False  # set under FSDP on ranks > 0: rank 0's weights arrive while sharding
+
+    def replicated_modules(self) -> list[nn.Module]:
+        """Small trainable modules kept whole on every rank (outside FSDP's flat parameters)."""
+        return []
+
+    def setup(self, stage: str) -> None:
+        if self._trainer is not None:
+            check_run_settings(self, self.trainer, float32_trainables=bool(self.replicated_modules()))
+
+    def is_sharded(self) -> bool:
+        """True when a strategy (FSDP) holds this module's weights in shards."""
+        return fsdp_strategy(self._trainer) is not None
+
+    def load_weights(self, pretrained: str) -> nn.Module:
+        """Load a model, or only its architecture on the meta device where FSDP will broadcast rank 0's weights."""
+        if self.weights_on_meta:
+            return build_on_meta(pretrained, self.dtype_name)
+        return load_causal_lm(pretrained, self.dtype_name)
 
     @property
     def num_layers(self) -> int:
@@ -115,7 +142,8 @@ class PruneStage(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        self.model = load_causal_lm(self.pretrained, self.dtype_name)
+        self.weights_on_meta = prepare_fsdp_loading(self._trainer, self.replicated_modules())
+        self.model = self.load_weights(self.pretrained)
         if self.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.on_model_loaded()
@@ -144,6 +172,17 @@ class PruneStage(L.LightningModule):
         nll, count = shifted_token_nll(logits, batch["labels"])
         self.log("test/loss", nll / count.clamp(min=1), sync_dist=True)
         return nll
+
+    def on_after_backward(self) -> None:
+        if self.is_sharded():
+            # FSDP reduces what it shards; replicated modules are averaged here (DDP already reduces everything).
+            average_gradients_([p for m in self.replicated_modules() for p in m.parameters() if p.requires_grad])
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        if gradient_clip_val and self.is_sharded() and gradient_clip_algorithm in (None, "norm"):
+            clip_fsdp_gradients(self.trainer, float(gradient_clip_val))
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]

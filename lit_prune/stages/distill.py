@@ -156,6 +156,7 @@ class Distill(RecoveryStage):
             self.check_targets_early(layers, self.target_modules)
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         # The block length is the DataModule's: compare it with the cache before any weight loads.
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         max_length = getattr(getattr(datamodule, "hparams", None), "max_length", None)
@@ -163,6 +164,12 @@ class Distill(RecoveryStage):
             self.cache.check_compatible(seq_len=int(max_length))
 
     def on_model_loaded(self) -> None:
+        self.build_student()
+        if self.teacher is not None and self.ce_weight < 1.0:  # ce_weight 1 is plain CE: no teacher needed
+            self.load_teacher(self.teacher)
+        self.train(self.training)  # from_pretrained returns eval mode; LoRA dropout needs train mode (teacher: eval)
+
+    def build_student(self) -> None:
         self.prepare_student()
         if self.train_scope == "all":
             for param in self.model.parameters():
@@ -177,9 +184,6 @@ class Distill(RecoveryStage):
             self.model = add_lora(
                 self.model, layers, self.target_modules, self.r, self.alpha, self.dropout, self.lora_options
             )
-        if self.teacher is not None and self.ce_weight < 1.0:  # ce_weight 1 is plain CE: no teacher needed
-            self.load_teacher(self.teacher)
-        self.train(self.training)  # from_pretrained returns eval mode; LoRA dropout needs train mode (teacher: eval)
 
     def teacher_outputs(self, input_ids: Tensor) -> Teacher:
         """Full teacher logits, or a top-K pair (from the cache, or the online teacher cut to ``teacher_k``)."""

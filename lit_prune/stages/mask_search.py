@@ -26,6 +26,7 @@ from lit_prune.components.losses import Direction, kl_loss, next_token_ce
 from lit_prune.components.mask_io import MaskArtifact
 from lit_prune.metrics import TokenPerplexity
 from lit_prune.stages.base import Dtype, PruneStage, save_gated_as_pruned, strip_frozen_model
+from lit_prune.stages.distributed import average_across_ranks, broadcast_from_rank0_
 
 METHOD_NAMES = {ConcaveGate: "clp", GumbelTopKGate: "e3"}
 
@@ -160,10 +161,24 @@ class MaskSearch(PruneStage):
         )
 
     def save_pruned_model(self, out_dir: str, overwrite: bool = False) -> None:
-        """Hard-prune the searched model and save it (the module holds the pruned model afterwards)."""
-        save_gated_as_pruned(self, out_dir, overwrite)
+        """Hard-prune the searched model and save it; call it on every rank, rank 0 writes.
+
+        On one process the module holds the pruned model afterwards. Across processes (DDP, FSDP) rank 0 reloads
+        ``pretrained`` on the CPU and cuts it: the weights are frozen, so this equals the gathered model, and nothing
+        is gathered onto a GPU.
+        """
+        if not self.is_sharded() and (self._trainer is None or self.trainer.world_size == 1):
+            save_gated_as_pruned(self, out_dir, overwrite)
+            return
+        if self.trainer.is_global_zero:
+            from lit_prune.components.checkpoint import export_from_mask
+
+            export_from_mask(self.pretrained, self.mask_artifact(), out_dir, overwrite, self.dtype_name)
 
     # ------------------------------------------------------------ model
+    def replicated_modules(self):
+        return [self.gate]
+
     def on_model_loaded(self) -> None:
         self.freeze_model()
         self.gating = LayerGating(self.model)
@@ -176,8 +191,7 @@ class MaskSearch(PruneStage):
         return self
 
     def on_train_start(self) -> None:
-        if self.importance_init == "kl" and not bool(self.importance_done):
-            self._init_from_kl_importance()
+        broadcast_from_rank0_(list(self.gate.parameters()))  # one gate on every rank, whatever each rank initialised
 
     def _init_from_kl_importance(self) -> None:
         from lit_prune.components.scorers import kl_importance
@@ -188,6 +202,8 @@ class MaskSearch(PruneStage):
             if len(batches) == self.importance_batches:
                 break
         importance = kl_importance(self.model, self.gating, batches)
+        # Each rank measured its own batches: average, so every rank starts from the same logits.
+        importance = average_across_ranks(torch.tensor(importance, device=self.device)).tolist()
         with torch.no_grad():
             self.gate.logits.copy_(logits_from_importance(importance, self.importance_scale).to(self.gate.logits))
         self.importance_done.fill_(True)
@@ -205,6 +221,9 @@ class MaskSearch(PruneStage):
         return self.model(input_ids=input_ids, use_cache=False).logits
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        if self.importance_init == "kl" and not bool(self.importance_done):
+            # Here, not in on_train_start: under FSDP the weights are gathered only inside the wrapped forward.
+            self._init_from_kl_importance()
         input_ids, labels = batch["input_ids"], batch["labels"]
         teacher = self._teacher_logits(input_ids)
         student = self._gated_logits(input_ids, self.gate())
