@@ -3,6 +3,7 @@
 - ``fit|validate|test|predict``: LightningCLI; the stage is chosen by ``model.class_path`` and the model id is
   linked once into ``data.tokenizer``.
 - ``export --model M --mask mask.json --out DIR``: apply a mask to a model and write a vanilla smaller checkpoint.
+- ``quantize --model DIR --method M --out DIR``: weight-quantize a (pruned) model with torchao or bitsandbytes.
 - ``evaluate --models dense=M pruned=DIR ...``: perplexity (and lm-eval accuracy) side by side, with retention.
 - ``cache-teacher``: write a dense teacher's top-K logits for the training blocks (offline KD).
 - ``assets``: prepare the offline model and corpus and print where they are.
@@ -18,7 +19,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from lit_prune.data import PruneDataModule
 from lit_prune.stages import PruneStage
 
-EXTRA_COMMANDS = ("export", "assets", "cache-teacher", "evaluate")
+EXTRA_COMMANDS = ("export", "assets", "cache-teacher", "evaluate", "quantize")
 
 
 class LitPruneCLI(LightningCLI):
@@ -49,6 +50,34 @@ def export_main(argv: list[str]) -> None:
     print(f"{artifact.describe()}\nwrote {out}")
 
 
+def quantize_main(argv: list[str]) -> None:
+    from lit_prune.components.quantize import METHODS, quantize_checkpoint
+
+    parser = argparse.ArgumentParser(
+        prog="python -m lit_prune quantize",
+        description="Quantize the weights of a (pruned or recovered) model and write it as an HF checkpoint that "
+        "reloads with from_pretrained. Methods: "
+        + "; ".join(f"{m.name} ({'/'.join(m.devices)}, lit_prune[{m.extra}]): {m.description}"
+                    for m in METHODS.values()),
+    )
+    parser.add_argument("--model", required=True, help="Float model: exported folder, hub id, or offline:smollm2-135m.")
+    parser.add_argument("--method", required=True, help=f"One of: {', '.join(METHODS)}.")
+    parser.add_argument("--out", required=True, help="Output folder (must be empty or new).")
+    parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available, else cpu).")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="Float dtype of what stays unquantized and of the compute (auto: the checkpoint's; "
+                        "bfloat16 for bnb).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty output folder.")
+    args = parser.parse_args(argv)
+    report = quantize_checkpoint(args.model, args.method, args.out, args.device, args.dtype, args.overwrite)
+    before = report["source_weight_bytes_on_disk"]
+    after = report["weight_bytes_on_disk"]
+    ratio = f" ({after / before:.2f}x of {before / 1e6:.1f} MB)" if before else ""
+    print(f"{args.method} on {report['device']}: {report['quantized_linear']} Linear layers quantized, "
+          f"{report['float_linear']} left in {report['dtype']}\nweights on disk {after / 1e6:.1f} MB{ratio}\n"
+          f"wrote {report['out']}")
+
+
 def assets_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m lit_prune assets", description="Prepare the offline model and corpus; print their paths."
@@ -68,7 +97,7 @@ def main(args: ArgsType = None) -> LitPruneCLI | None:
             from lit_prune.teacher_cache_cli import cache_teacher_main
 
             commands = {"export": export_main, "assets": assets_main, "cache-teacher": cache_teacher_main,
-                        "evaluate": evaluate_main}
+                        "evaluate": evaluate_main, "quantize": quantize_main}
             commands[argv[0]](argv[1:])
         except (ValueError, FileExistsError, RuntimeError) as err:
             # Input errors are the user's to fix: show the message, not a traceback.
@@ -86,6 +115,7 @@ def main(args: ArgsType = None) -> LitPruneCLI | None:
         save_config_kwargs={"overwrite": True},
         parser_kwargs={
             "epilog": "Other commands: `python -m lit_prune export --help`, `python -m lit_prune evaluate --help`, "
-            "`python -m lit_prune cache-teacher --help`, `python -m lit_prune assets`."
+            "`python -m lit_prune cache-teacher --help`, `python -m lit_prune quantize --help`, "
+            "`python -m lit_prune assets`."
         },
     )

@@ -1,8 +1,14 @@
 """Evaluate a dense model and its pruned/recovered variants on the same data in one run.
 
 ``python -m lit_prune evaluate --models dense=offline:smollm2-135m pruned=runs/demo/pruned
---text-files offline:britannica --max-length 256 --stride 256 --max-blocks 16 [--tasks piqa arc_easy --limit 100]
---out DIR``
+int8=runs/demo/pruned-int8 nf4=runs/demo/pruned@bnb-nf4 --text-files offline:britannica --max-length 256
+--stride 256 --max-blocks 16 [--tasks piqa arc_easy --limit 100] --out DIR``
+
+- Quantized variants: a folder written by ``python -m lit_prune quantize`` loads as it was saved; ``MODEL@METHOD``
+  quantizes a float model while loading (methods in :mod:`lit_prune.components.quantize`). Device and library are
+  checked for every model before any weights load.
+- Size and speed: bytes of the weight files on disk (local folders; an on-the-fly ``@METHOD`` has none), bytes of
+  the weights in memory, and forward tokens/s over the perplexity windows (batch ``--batch-size``, no KV cache).
 
 - Perplexity: the held-out blocks of :class:`~lit_prune.data.PruneDataModule` (the same blocks ``validate`` uses),
   tokenized once with the reference model's tokenizer. Every model must share that tokenizer (checked on a probe
@@ -22,6 +28,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +36,7 @@ from typing import Any
 import torch
 
 from lit_prune.assets import resolve_pretrained
+from lit_prune.components.quantize import METHODS, QuantizationError
 from lit_prune.metrics import IGNORE_INDEX, shifted_token_nll
 
 PROBE = "The quick brown fox, 1911: Shakespeare's \"Hamlet\" (Act III) -- to be, or not to be?\n\tÜber café ünïcode."
@@ -60,6 +68,41 @@ def parse_models(specs: Sequence[str]) -> dict[str, str]:
     return models
 
 
+def split_quantization(spec: str, key: str = "--models") -> tuple[str, str | None]:
+    """``MODEL@METHOD`` -> ``(MODEL, METHOD)``; a spec without a known ``@METHOD`` suffix -> ``(spec, None)``.
+
+    Raises:
+        QuantizationError: An ``@`` suffix that is not a method (unless the whole spec is an existing path).
+    """
+    model, sep, method = spec.rpartition("@")
+    if not sep or Path(spec).exists():
+        return spec, None
+    if method not in METHODS:
+        raise QuantizationError(
+            f"`{key}` entry {spec!r} ends in @{method!r}, which is not a quantization method. Allowed after @: "
+            f"{', '.join(METHODS)}; e.g. pruned=runs/demo/pruned@torchao-int8-weight."
+        )
+    return model, method
+
+
+def check_quantization(name: str, spec: str, method: str | None, config, device: str) -> str | None:
+    """The quantization a model is evaluated with (``@METHOD`` or the one it was saved with), checked against the
+    device and the installed libraries; loads no weights."""
+    from lit_prune.components.quantize import check_method, requirements_of, saved_quantization
+
+    saved = saved_quantization(config)
+    if method is not None and saved is not None:
+        raise QuantizationError(
+            f"`--models` entry {name}={spec!r}: the folder is already quantized ({saved}); drop the @{method} suffix."
+        )
+    if method is not None:
+        check_method(method, device, key=f"--models {name}=...@{method}")
+        return method
+    if saved is not None:
+        check_method(requirements_of(saved), device, key=f"--models {name}={spec!r} (saved as {saved})")
+    return saved
+
+
 def reference_name(models: dict[str, str]) -> str:
     """The model named ``dense`` if there is one, else the first model."""
     return REFERENCE_NAME if REFERENCE_NAME in models else next(iter(models))
@@ -75,7 +118,7 @@ def check_same_tokenizer(models: dict[str, str]) -> None:
 
     seen: list[tuple[str, list[int], int | None]] = []
     for name, model in models.items():
-        path = resolve_pretrained(model)
+        path = resolve_pretrained(split_quantization(model)[0])
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
             config = AutoConfig.from_pretrained(path)
@@ -190,16 +233,23 @@ def sliding_windows(blocks: torch.Tensor, max_length: int, stride: int) -> tuple
 
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int) -> dict[str, Any]:
-    """Token perplexity (exp of the mean next-token NLL) of ``model`` over the given windows."""
+    """Token perplexity (exp of the mean next-token NLL) of ``model`` over the given windows, and forward tokens/s."""
     device = next(model.parameters()).device
-    nll_sum, count = 0.0, 0
+    nll_sum, count, seconds = 0.0, 0, 0.0
     for i in range(0, len(inputs), batch_size):
         ids = inputs[i : i + batch_size].to(device)
+        start = time.perf_counter()
         logits = model(input_ids=ids, use_cache=False).logits
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds += time.perf_counter() - start
         nll, n = shifted_token_nll(logits, labels[i : i + batch_size].to(device))
         nll_sum += float(nll.double())
         count += int(n)
-    return {"ppl": math.exp(nll_sum / max(count, 1)), "nll": nll_sum / max(count, 1), "tokens": count}
+    return {
+        "ppl": math.exp(nll_sum / max(count, 1)), "nll": nll_sum / max(count, 1), "tokens": count,
+        "forward_seconds": seconds, "tokens_per_s": inputs.numel() / seconds if seconds > 0 else None,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ zero-shot
@@ -294,19 +344,26 @@ def _fmt(value: float | None, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _mb(value: int | None) -> str:
+    return "-" if value is None else f"{value / 1e6:.1f}"
+
+
 def results_markdown(results: dict[str, Any]) -> str:
     """One row per model: perplexity, task accuracies, and their retention against the reference."""
     tasks = results["protocol"]["tasks"]
     has_ppl = results["protocol"]["perplexity"] is not None
-    head = ["model", "layers"] + (["ppl", "ppl retention"] if has_ppl else [])
+    head = ["model", "layers", "quantization", "weights MB (disk)", "weights MB (memory)"]
+    head += ["ppl", "ppl retention", "forward tok/s"] if has_ppl else []
     head += [t for t in tasks] + [f"{t} retention" for t in tasks]
     head += ["mean-of-ratios", "ratio-of-means"] if tasks else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, res in results["models"].items():
         ret = res["retention"] or {}
-        row = [f"{name}{' (reference)' if name == results['reference'] else ''}", str(res["num_layers"])]
+        row = [f"{name}{' (reference)' if name == results['reference'] else ''}", str(res["num_layers"]),
+               res.get("quantization") or "-", _mb(res.get("weight_bytes_on_disk")),
+               _mb(res.get("weight_bytes_in_memory"))]
         if has_ppl:
-            row += [_fmt(res["ppl"]["ppl"], 3), _fmt(ret.get("ppl"))]
+            row += [_fmt(res["ppl"]["ppl"], 3), _fmt(ret.get("ppl")), _fmt(res["ppl"].get("tokens_per_s"), 0)]
         row += [_fmt(res["tasks"][t]["value"]) for t in tasks]
         row += [_fmt((ret.get("tasks") or {}).get(t)) for t in tasks]
         row += [_fmt(ret.get("mean_of_ratios")), _fmt(ret.get("ratio_of_means"))] if tasks else []
@@ -321,6 +378,9 @@ def results_markdown(results: dict[str, Any]) -> str:
     if tasks:
         notes.append(f"Zero-shot: lm-eval {proto['lm_eval_version']}, limit {proto['limit']}, "
                      f"num_fewshot {proto['num_fewshot']}, metric per task as listed in results.json.")
+    notes.append(f"Speed: forward tokens/s over the perplexity windows (batch {proto['batch_size']}, no KV cache) on "
+                 f"{proto['device']}; weights MB on disk = weight files of a local folder (none for @METHOD, which "
+                 "quantizes while loading).")
     models = "\n".join(f"- `{n}`: `{r['model']}` (dtype {r['dtype']})" for n, r in results["models"].items())
     return "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n\nModels:\n\n" + models + "\n"
 
@@ -376,6 +436,7 @@ def evaluate(
     Returns:
         The results dict written to ``results.json``.
     """
+    from lit_prune.components.quantize import load_quantized, model_weight_bytes, weight_files_bytes
     from lit_prune.data import DataConfigError
     from lit_prune.stages.base import load_causal_lm, load_config
 
@@ -390,7 +451,11 @@ def evaluate(
         raise ValueError(f"`--batch-size`={batch_size} must be >= 1.")
     # Everything cheap first: output folder, configs, tokenizers, lm-eval and its task names, the data.
     out_dir = prepare_out_dir(out, overwrite) if out is not None else None
-    configs = {name: load_config(model, key=f"--models {name}") for name, model in models.items()}
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    sources = {name: split_quantization(spec, key=f"--models {name}") for name, spec in models.items()}
+    configs = {name: load_config(src, key=f"--models {name}") for name, (src, _) in sources.items()}
+    quant = {name: check_quantization(name, models[name], method, configs[name], device)
+             for name, (_, method) in sources.items()}
     check_same_tokenizer(models)
     ref = reference_name(models)
     lm_eval = None
@@ -401,7 +466,8 @@ def evaluate(
     ppl_protocol, inputs, labels = None, None, None
     if has_data:
         blocks, source = build_eval_blocks(
-            models[ref], text_files, dataset, dataset_config, split, text_field, max_length, val_fraction, max_blocks
+            sources[ref][0], text_files, dataset, dataset_config, split, text_field, max_length, val_fraction,
+            max_blocks,
         )
         inputs, labels = sliding_windows(blocks, max_length, stride)
         num_scored = int((labels[:, 1:] != IGNORE_INDEX).sum())
@@ -414,21 +480,29 @@ def evaluate(
             "bos": "each record is tokenized with the tokenizer's own special tokens (a BOS where the tokenizer adds "
                    "one) and followed by one EOS; the stream is cut into blocks of max_length tokens (no padding, "
                    "no extra BOS per block); the first token of each window is context only.",
-            "tokenizer": models[ref],
+            "tokenizer": sources[ref][0],
         }
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     results: dict[str, Any] = {"reference": ref, "models": {}}
     tokenizer = None
     if tasks:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(models[ref]))
+        tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(sources[ref][0]))
     for name, model_id in models.items():
-        model = load_causal_lm(model_id, dtype).to(device).eval()
+        source_id, method = sources[name]
+        if quant[name] is None:
+            model = load_causal_lm(source_id, dtype).to(device).eval()
+        else:
+            model = load_quantized(source_id, method, device=device, dtype=dtype, key=f"--models {name}")
+        folder = Path(resolve_pretrained(source_id))
         entry: dict[str, Any] = {
             "model": model_id, "num_layers": int(configs[name].num_hidden_layers),
             "num_parameters": sum(p.numel() for p in model.parameters()),
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "ppl": None, "tasks": {},
+            "dtype": str(next(p for p in model.parameters() if p.dtype.is_floating_point).dtype).removeprefix(
+                "torch."),
+            "quantization": quant[name],
+            "weight_bytes_on_disk": weight_files_bytes(folder) if method is None and folder.is_dir() else None,
+            "weight_bytes_in_memory": model_weight_bytes(model), "ppl": None, "tasks": {},
         }
         if inputs is not None:
             entry["ppl"] = perplexity(model, inputs, labels, batch_size)
@@ -465,7 +539,9 @@ def evaluate_main(argv: list[str]) -> None:
         "lm-eval zero-shot accuracy, and retention against the reference (`dense`, else the first model).",
     )
     parser.add_argument("--models", nargs="+", required=True, metavar="NAME=MODEL",
-                        help="e.g. dense=offline:smollm2-135m pruned=runs/demo/pruned (hub id, folder or alias).")
+                        help="e.g. dense=offline:smollm2-135m pruned=runs/demo/pruned int8=DIR (a folder written by "
+                        "`lit_prune quantize`) nf4=runs/demo/pruned@bnb-nf4 (quantized while loading; methods: "
+                        f"{', '.join(METHODS)}).")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--text-files", nargs="+", help="Local files/globs or offline:britannica for perplexity.")
     source.add_argument("--dataset", help="Hub dataset id for perplexity (e.g. wikitext).")

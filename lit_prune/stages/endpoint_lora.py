@@ -37,6 +37,7 @@ LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 DERIVED_LORA_KEYS = ("layers_to_transform", "layers_pattern")
 OWN_LORA_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules", "task_type")
 RecoveryLoss = Literal["ce", "kd", "mix"]
+BaseQuantization = Literal["none", "nf4"]
 
 
 def linear_module_names(layers: list[nn.Module]) -> list[str]:
@@ -359,7 +360,12 @@ class EndpointLoRA(RecoveryStage):
         teacher: Dense teacher for ``kd``/``mix``; default ``pretrained`` (needed when ``pretrained`` is pruned).
         allow_model_mismatch: Accept a mask whose model id differs from ``pretrained`` (same layer count).
         save_adapter: Also write the LoRA adapter (peft format, for the pruned model) to ``<export>/adapter``.
-        dtype: Dtype the weights are loaded in (LoRA weights follow it).
+        quantize_base: ``none``, or ``nf4`` for QLoRA: the frozen base is loaded in bitsandbytes 4-bit NF4 (CUDA
+            only, ``lit_prune[quant-cuda]``) and prepared with ``peft.prepare_model_for_kbit_training``; LoRA stays
+            in float32. The export always writes the adapter to ``<export>/adapter``, and as the model the NF4 base
+            dequantized (the values the adapter was trained against) with the LoRA merged in.
+        dtype: Dtype the weights are loaded in (LoRA weights follow it); with ``quantize_base: nf4``, the compute
+            dtype of the 4-bit layers (float16 if asked for, otherwise bfloat16).
         optimizer: Optimizer factory for the LoRA (and optional norm/head) parameters.
         gradient_checkpointing: Recompute layer activations in the backward pass to save memory.
     """
@@ -383,10 +389,14 @@ class EndpointLoRA(RecoveryStage):
         teacher: str | None = None,
         allow_model_mismatch: bool = False,
         save_adapter: bool = False,
+        quantize_base: BaseQuantization = "none",
         dtype: Dtype = "auto",
         optimizer: OptimizerCallable = torch.optim.AdamW,
         gradient_checkpointing: bool = False,
     ) -> None:
+        check_choice(quantize_base, BaseQuantization, "model.init_args.quantize_base")
+        if quantize_base == "nf4":
+            check_base_quantization()  # first: nothing is read or loaded on a machine that cannot run it
         super().__init__(
             pretrained, mask=mask, width=width, endpoint_layers_override=endpoint_layers_override,
             allow_model_mismatch=allow_model_mismatch, save_adapter=save_adapter, dtype=dtype, optimizer=optimizer,
@@ -403,6 +413,7 @@ class EndpointLoRA(RecoveryStage):
         self.r, self.alpha, self.dropout = r, alpha, dropout
         self.train_norm, self.train_lm_head = train_norm, train_lm_head
         self.loss, self.kd_weight, self.kd_temperature = loss, kd_weight, float(kd_temperature)
+        self.quantize_base = quantize_base
         self.require_endpoints("EndpointLoRA")
         self.check_targets_early(self.endpoints, self.target_modules)
         if loss == "ce":
@@ -456,6 +467,70 @@ class EndpointLoRA(RecoveryStage):
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict(logs)
         return loss
+
+    # ------------------------------------------------------------ QLoRA (quantize_base: nf4)
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """Dtype of the 4-bit layers' matmuls under ``quantize_base: nf4`` (bf16 unless float16 is asked for)."""
+        return torch.float16 if self.dtype_name == "float16" else torch.bfloat16
+
+    def configure_model(self) -> None:
+        if self.quantize_base == "none" or self.model is not None:
+            return super().configure_model()
+        from peft import prepare_model_for_kbit_training
+
+        from lit_prune.components.quantize import load_quantized
+
+        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cuda")
+        check_base_quantization(device)
+        # bitsandbytes places the 4-bit weights while loading, straight onto the training GPU.
+        model = load_quantized(self.pretrained, "bnb-nf4", device=str(device), dtype=self.compute_dtype)
+        self.model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=self.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+        self.on_model_loaded()
+
+    def save_pruned_model(self, out_dir: str, overwrite: bool = False) -> None:
+        """As :meth:`RecoveryStage.save_pruned_model`; under ``quantize_base: nf4`` it writes the adapter and the
+        dequantized base with the LoRA merged in (merging into NF4 would round most of the update away)."""
+        if self.quantize_base == "none" or not is_peft(self.model):
+            return super().save_pruned_model(out_dir, overwrite)
+        if self._trainer is not None and not self.trainer.is_global_zero:
+            return None
+        from transformers import AutoTokenizer
+
+        from lit_prune.components.quantize import merge_lora_dequantized
+
+        prepare_output_dir(out_dir, overwrite)
+        artifact = self.mask_artifact()
+        tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(self.pretrained))
+
+        def write(folder: Path) -> None:
+            self.model.save_pretrained(folder / "adapter")
+            self.model = merge_lora_dequantized(self.model, self.compute_dtype)
+            self.model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            save_mask(folder / "mask.json", artifact)
+
+        save_atomically(out_dir, write, overwrite)
+        return None
+
+
+def check_base_quantization(device: torch.device | str | None = None) -> None:
+    """``quantize_base: nf4`` needs CUDA (the training device) and bitsandbytes; say which option to use otherwise."""
+    from lit_prune.components.quantize import QuantizationError, check_method
+
+    try:
+        if device is not None and torch.device(device).type != "cuda":
+            raise QuantizationError(f"the trainer's device is {str(device)!r}")
+        check_method("bnb-nf4", "cuda", key="model.init_args.quantize_base")
+    except QuantizationError as err:
+        raise ValueError(
+            f"`model.init_args.quantize_base`='nf4' loads the base in bitsandbytes 4-bit, which trains on a CUDA GPU "
+            f"only ({err}). Allowed: none, nf4. Fix: on CPU set `model.init_args.quantize_base: none`; for nf4 run "
+            "with `trainer.accelerator: gpu` on a CUDA machine and `pip install 'lit_prune[quant-cuda]'`."
+        ) from None
 
 
 def check_lora_hparams(r: int, alpha: float, dropout: float) -> None:
