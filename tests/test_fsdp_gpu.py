@@ -1,0 +1,111 @@
+"""FSDP through Lightning's FSDPStrategy on one CUDA GPU (skipped without CUDA; Lightning's FSDP needs a GPU).
+
+One rank exercises what the stages add for FSDP: the float32 gate left out of the bfloat16 flat parameters, activation
+checkpointing by the strategy, gradient clipping by FSDP's global norm, and rank-0 export of the mask and of the
+gathered weights. Run with ``pytest -m gpu tests/test_fsdp_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP needs CUDA")]
+
+
+def blocks_loader(vocab: int, seq: int = 64, count: int = 8, batch: int = 2, seed: int = 0):
+    from torch.utils.data import DataLoader
+
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (count, seq), generator=generator)
+    rows = [{"input_ids": row, "labels": row} for row in ids]
+    return ids, DataLoader(rows, batch_size=batch,
+                           collate_fn=lambda b: {k: torch.stack([r[k] for r in b]) for k in b[0]})
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    from tiny import char_tokenizer
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    path = tmp_path_factory.mktemp("fsdp-llama")
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=6, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=103, max_position_embeddings=128)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return path
+
+
+def fsdp_trainer(tmp_path, export):
+    import lightning as L
+    from lightning.pytorch.strategies import FSDPStrategy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    strategy = FSDPStrategy(auto_wrap_policy={LlamaDecoderLayer}, activation_checkpointing_policy={LlamaDecoderLayer})
+    return L.Trainer(accelerator="gpu", devices=1, strategy=strategy, precision="bf16-mixed", max_steps=4,
+                     gradient_clip_val=1.0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                     limit_val_batches=1, default_root_dir=str(tmp_path), callbacks=[export])
+
+
+def test_fsdp_mask_search_keeps_a_float32_gate_and_exports_on_rank0(llama_folder, tmp_path):
+    from functools import partial
+
+    from transformers import AutoModelForCausalLM
+
+    from lit_prune import ConcaveGate, MaskSearch
+    from lit_prune.callbacks import ModelExport
+    from lit_prune.components.surgery import drop_layers
+
+    stage = MaskSearch(str(llama_folder), gate=partial(ConcaveGate, protect_first=1, protect_last=1), num_drop=2,
+                       ratio=None, dtype="bfloat16", optimizer=partial(torch.optim.Adam, lr=0.1))
+    before = [p.detach().clone() for p in stage.gate.parameters()]
+    _, loader = blocks_loader(103)
+    trainer = fsdp_trainer(tmp_path, ModelExport(what="both", dirpath=str(tmp_path / "export")))
+    trainer.fit(stage, loader, loader)
+
+    assert all(p.dtype == torch.float32 and p.is_cuda for p in stage.gate.parameters())
+    assert any(not torch.equal(a.cpu(), b.detach().cpu()) for a, b in zip(before, stage.gate.parameters())), \
+        "the gate trained under FSDP"
+    mask = json.loads((tmp_path / "export" / "mask.json").read_text())
+    assert mask["drop"] == stage.current_drop() and len(mask["drop"]) == 2
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "export" / "pruned")
+    expected = drop_layers(AutoModelForCausalLM.from_pretrained(llama_folder), mask["drop"])
+    for (name, got), (_, want) in zip(pruned.state_dict().items(), expected.state_dict().items()):
+        torch.testing.assert_close(got, want, msg=name)
+
+
+def test_fsdp_distill_gathers_merged_lora_weights_on_rank0(llama_folder, tmp_path):
+    from functools import partial
+
+    from transformers import AutoModelForCausalLM
+
+    from lit_prune import Distill, write_topk_cache
+    from lit_prune.callbacks import ModelExport
+    from lit_prune.components.surgery import drop_layers
+    from lit_prune.stages.distributed import full_state_dict_on_rank0
+
+    ids, loader = blocks_loader(103)
+    teacher = AutoModelForCausalLM.from_pretrained(llama_folder).cuda()
+    cache = write_topk_cache(teacher, [{"input_ids": ids[i:i + 2]} for i in range(0, len(ids), 2)],
+                             tmp_path / "cache", k=5, model_id=str(llama_folder))
+    del teacher
+    mask = tmp_path / "mask.json"
+    mask.write_text(json.dumps({"model": str(llama_folder), "num_layers": 6, "drop": [2, 3]}))
+    stage = Distill(str(llama_folder), mask=str(mask), teacher_cache=str(cache), train="lora", lora_layers="all",
+                    r=4, dtype="bfloat16", optimizer=partial(torch.optim.AdamW, lr=1e-2))
+    trainer = fsdp_trainer(tmp_path, ModelExport(what="model", dirpath=str(tmp_path / "export")))
+    trainer.fit(stage, loader, loader)
+
+    state = full_state_dict_on_rank0(trainer)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export" / "pruned")
+    assert exported.config.num_hidden_layers == 4
+    base = drop_layers(AutoModelForCausalLM.from_pretrained(llama_folder), [2, 3])
+    prefix = "model.base_model.model.model.layers.1.self_attn.q_proj."
+    lora_a, lora_b = state[prefix + "lora_A.default.weight"].float(), state[prefix + "lora_B.default.weight"].float()
+    assert lora_b.abs().sum() > 0, "LoRA B moved away from its zero init"
+    merged = base.model.layers[1].self_attn.q_proj.weight.float() + (lora_b @ lora_a) * (32.0 / 4)
+    torch.testing.assert_close(exported.model.layers[1].self_attn.q_proj.weight.float(), merged, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(exported.model.embed_tokens.weight, base.model.embed_tokens.weight)
