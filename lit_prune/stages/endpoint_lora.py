@@ -261,6 +261,10 @@ class RecoveryStage(PruneStage):
         check_target_modules(skeleton, layers, target_modules)
 
     # ------------------------------------------------------------ model
+    def build_student(self) -> None:
+        """Turn the freshly loaded ``self.model`` into the student: cut, freeze, mark or wrap what trains."""
+        raise NotImplementedError
+
     def prepare_student(self) -> None:
         """Hard-prune the freshly loaded ``pretrained`` (when a mask is given) and freeze it."""
         if self.drop_now:
@@ -269,7 +273,7 @@ class RecoveryStage(PruneStage):
 
     def load_teacher(self, teacher: str) -> None:
         """Load a frozen dense teacher in the student's dtype (a registered submodule, stripped from checkpoints)."""
-        model = load_causal_lm(teacher, self.dtype_name)
+        model = self.load_weights(teacher)
         for param in model.parameters():
             param.requires_grad_(False)
         self.teacher_model = model.eval()
@@ -310,8 +314,33 @@ class RecoveryStage(PruneStage):
     def save_pruned_model(self, out_dir: str, overwrite: bool = False) -> None:
         """Merge LoRA into the weights and save a vanilla HF checkpoint + tokenizer + mask.json, atomically.
 
-        Afterwards the module holds the merged model (no peft wrapper); its outputs are unchanged.
+        Call it on every rank; rank 0 writes. On one process the module holds the merged model afterwards (no peft
+        wrapper; outputs unchanged). Under FSDP the full weights are gathered to rank 0's CPU and written from a
+        CPU copy of the student; the sharded model stays as it is.
         """
+        if self.is_sharded():
+            self._save_gathered(out_dir, overwrite)
+            return
+        if self._trainer is not None and not self.trainer.is_global_zero:
+            return
+        self._save_in_memory(out_dir, overwrite)
+
+    def _save_gathered(self, out_dir: str, overwrite: bool) -> None:
+        from lit_prune.stages.distributed import full_state_dict_on_rank0
+
+        state = full_state_dict_on_rank0(self.trainer)  # a collective: every rank takes part
+        if state is None:
+            return
+        prefix = "model."
+        sharded, self.model = self.model, load_causal_lm(self.pretrained, self.dtype_name)
+        try:
+            self.build_student()
+            self.model.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+            self._save_in_memory(out_dir, overwrite)
+        finally:
+            self.model = sharded
+
+    def _save_in_memory(self, out_dir: str, overwrite: bool) -> None:
         from transformers import AutoTokenizer
 
         prepare_output_dir(out_dir, overwrite)
@@ -433,6 +462,12 @@ class EndpointLoRA(RecoveryStage):
             self.check_teacher(self.teacher)
 
     def on_model_loaded(self) -> None:
+        self.build_student()
+        if self.teacher is not None:
+            self.load_teacher(self.teacher)
+        self.train(self.training)  # from_pretrained returns eval mode; LoRA dropout needs train mode (teacher: eval)
+
+    def build_student(self) -> None:
         self.prepare_student()
         self.model = add_lora(
             self.model, self.endpoints, self.target_modules, self.r, self.alpha, self.dropout, self.lora_options
@@ -446,9 +481,6 @@ class EndpointLoRA(RecoveryStage):
                             param.requires_grad_(True)
         if self.train_lm_head:
             unwrap(self.model).get_output_embeddings().weight.requires_grad_(True)
-        if self.teacher is not None:
-            self.load_teacher(self.teacher)
-        self.train(self.training)  # from_pretrained returns eval mode; LoRA dropout needs train mode (teacher: eval)
 
     def trainable_parameter_names(self) -> list[str]:
         """Names (relative to the module) of every parameter the optimizer updates."""
@@ -481,6 +513,12 @@ class EndpointLoRA(RecoveryStage):
 
         from lit_prune.components.quantize import load_quantized
 
+        if self.is_sharded():
+            raise ValueError(
+                "`model.init_args.quantize_base`='nf4' is not supported with a sharding `trainer.strategy` (FSDP): "
+                "the 4-bit base would need its own flattening. Train on one GPU (`trainer.strategy: auto`) or set "
+                "`model.init_args.quantize_base: none`."
+            )
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cuda")
         check_base_quantization(device)
         # bitsandbytes places the 4-bit weights while loading, straight onto the training GPU.
