@@ -99,7 +99,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--ratio", type=float, default=0.25, help="layers the distillation student has lost")
-    parser.add_argument("--max-batch", type=int, default=128, help="upper end of the largest-batch search")
+    parser.add_argument("--max-batch", type=int, default=64, help="upper end of the largest-batch search")
+    parser.add_argument("--kl-chunk", type=int, default=4096, help="MaskSearch kl_chunk_tokens for the chunked rows")
     parser.add_argument("--skip-largest", action="store_true")
     parser.add_argument("--allow-cpu", action="store_true", help="run on the CPU (checks the script, not the GPU)")
     parser.add_argument("--out", default=None)
@@ -139,8 +140,9 @@ def main() -> None:
             model.zero_grad(set_to_none=True)
         return step
 
-    def search_stage(checkpointing: bool) -> MaskSearch:
-        stage = MaskSearch(str(folder), gate=ConcaveGate, ratio=0.25, gradient_checkpointing=checkpointing)
+    def search_stage(checkpointing: bool, chunk: int | None) -> MaskSearch:
+        stage = MaskSearch(str(folder), gate=ConcaveGate, ratio=0.25, gradient_checkpointing=checkpointing,
+                           kl_chunk_tokens=chunk)
         stage.model = model
         stage.on_model_loaded()
         stage.gate.to(device)
@@ -166,15 +168,17 @@ def main() -> None:
         plain = record("plain fwd+bwd (dense, all weights)", checkpointing, 3 * (mm + attn),
                        plain_dense_step(args.batch))
         model.zero_grad(set_to_none=True)
-        stage = search_stage(checkpointing)
-        make_search = search_step_for(stage)
-        record("search clp (teacher fwd + gated fwd + bwd to gate)", checkpointing, 2 * mm + 2 * attn + mm + 2 * attn,
-               make_search(args.batch), plain)
-        if not args.skip_largest:
-            results["largest_batch"][f"search{'+ckpt' if checkpointing else ''}"] = largest_batch(
-                make_search, args.max_batch)
-            print("largest search batch", checkpointing, results["largest_batch"], flush=True)
-        stage.gating.remove()
+        for chunk in (None, args.kl_chunk):
+            stage = search_stage(checkpointing, chunk)
+            make_search = search_step_for(stage)
+            label = "search clp (teacher fwd + gated fwd + bwd to gate)" + (f", KL in {chunk}-token chunks"
+                                                                            if chunk else "")
+            record(label, checkpointing, 2 * mm + 2 * attn + mm + 2 * attn, make_search(args.batch), plain)
+            if not args.skip_largest:
+                key = "search" + ("+ckpt" if checkpointing else "") + (f"+kl_chunk{chunk}" if chunk else "")
+                results["largest_batch"][key] = largest_batch(make_search, args.max_batch)
+                print("largest batch", results["largest_batch"], flush=True)
+            stage.gating.remove()
     model.gradient_checkpointing_disable()
     model.eval()
     for p in model.parameters():

@@ -39,15 +39,19 @@ def llama_folder(tmp_path_factory):
     return path
 
 
-def fsdp_trainer(tmp_path, export):
+def fsdp_trainer(tmp_path, export, checkpoint_dir=None):
     import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.strategies import FSDPStrategy
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    strategy = FSDPStrategy(auto_wrap_policy={LlamaDecoderLayer}, activation_checkpointing_policy={LlamaDecoderLayer})
+    strategy = FSDPStrategy(auto_wrap_policy={LlamaDecoderLayer}, activation_checkpointing_policy={LlamaDecoderLayer},
+                            state_dict_type="sharded")
+    callbacks = [export] + ([ModelCheckpoint(dirpath=checkpoint_dir)] if checkpoint_dir else [])
     return L.Trainer(accelerator="gpu", devices=1, strategy=strategy, precision="bf16-mixed", max_steps=4,
-                     gradient_clip_val=1.0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                     limit_val_batches=1, default_root_dir=str(tmp_path), callbacks=[export])
+                     gradient_clip_val=1.0, logger=False, enable_checkpointing=bool(checkpoint_dir),
+                     enable_progress_bar=False, limit_val_batches=1, default_root_dir=str(tmp_path),
+                     callbacks=callbacks)
 
 
 def test_fsdp_mask_search_keeps_a_float32_gate_and_exports_on_rank0(llama_folder, tmp_path):
@@ -63,7 +67,7 @@ def test_fsdp_mask_search_keeps_a_float32_gate_and_exports_on_rank0(llama_folder
                        ratio=None, dtype="bfloat16", optimizer=partial(torch.optim.Adam, lr=0.1))
     before = [p.detach().clone() for p in stage.gate.parameters()]
     _, loader = blocks_loader(103)
-    trainer = fsdp_trainer(tmp_path, ModelExport(what="both", dirpath=str(tmp_path / "export")))
+    trainer = fsdp_trainer(tmp_path, ModelExport(what="both", dirpath=str(tmp_path / "export")), tmp_path / "ckpt")
     trainer.fit(stage, loader, loader)
 
     assert all(p.dtype == torch.float32 and p.is_cuda for p in stage.gate.parameters())
@@ -75,6 +79,13 @@ def test_fsdp_mask_search_keeps_a_float32_gate_and_exports_on_rank0(llama_folder
     expected = drop_layers(AutoModelForCausalLM.from_pretrained(llama_folder), mask["drop"])
     for (name, got), (_, want) in zip(pruned.state_dict().items(), expected.state_dict().items()):
         torch.testing.assert_close(got, want, msg=name)
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    (saved,) = (tmp_path / "ckpt").iterdir()
+    keys = list(FileSystemReader(str(saved)).read_metadata().state_dict_metadata)
+    assert any("gate" in k for k in keys), keys
+    assert not any("layers" in k for k in keys), "the sharded checkpoint holds the gate, not the frozen weights"
 
 
 def test_fsdp_distill_gathers_merged_lora_weights_on_rank0(llama_folder, tmp_path):

@@ -73,11 +73,33 @@ def kl_loss(
     direction: Direction = "forward",
     temperature: float = 1.0,
     ignore_index: int = -100,
+    chunk_tokens: int | None = None,
 ) -> Tensor:
     """Mean token KL over the positions that predict a scored label (all positions when ``labels`` is None).
 
     Scaled by ``temperature**2`` so gradient magnitudes do not shrink as the temperature grows (Hinton et al.).
+    ``chunk_tokens`` computes the KL over that many tokens at a time and recomputes each chunk in the backward pass,
+    so the float32 ``[tokens, vocab]`` intermediates exist for one chunk only (same value and gradient).
     """
-    kl = token_kl(teacher_logits, student_logits, direction, temperature)
-    mask = None if labels is None else scored_positions(labels, kl.shape, ignore_index, kl.device)
-    return masked_mean(kl, mask) * temperature**2
+    shape = teacher_logits.shape[:2]
+    mask = None if labels is None else scored_positions(labels, shape, ignore_index, teacher_logits.device)
+    if chunk_tokens is None or chunk_tokens >= shape.numel():
+        kl = token_kl(teacher_logits, student_logits, direction, temperature)
+        return masked_mean(kl, mask) * temperature**2
+    if chunk_tokens < 1:
+        raise ValueError(f"`chunk_tokens` must be >= 1 or None, got {chunk_tokens}.")
+    from torch.utils.checkpoint import checkpoint
+
+    vocab = teacher_logits.size(-1)
+    teacher, student = teacher_logits.reshape(-1, vocab), student_logits.reshape(-1, vocab)
+    weights = torch.ones(shape.numel(), device=teacher.device) if mask is None else mask.reshape(-1).float()
+
+    def chunk_sum(t: Tensor, s: Tensor, w: Tensor) -> Tensor:
+        return (token_kl(t[None], s[None], direction, temperature)[0] * w).sum()
+
+    total = sum(
+        checkpoint(chunk_sum, teacher[i:i + chunk_tokens], student[i:i + chunk_tokens], weights[i:i + chunk_tokens],
+                   use_reentrant=False)
+        for i in range(0, teacher.size(0), chunk_tokens)
+    )
+    return total / weights.sum().clamp(min=1) * temperature**2

@@ -71,6 +71,8 @@ class MaskSearch(PruneStage):
         importance_batches: Calibration batches used by ``importance_init``.
         importance_scale: Scale of the standardized log-importance logits.
         method: Name recorded in mask.json (default: ``clp`` for ConcaveGate, ``e3`` for GumbelTopKGate).
+        kl_chunk_tokens: Compute the KL over this many tokens at a time, recomputed in backward: lowers peak memory
+            at large batch x vocabulary (docs/scale.md); null computes it at once.
         dtype: Dtype the frozen weights are loaded in (bfloat16 halves memory; the gate stays float32).
         optimizer: Optimizer factory for the gate parameters.
         gradient_checkpointing: Recompute layer activations in the backward pass to save memory.
@@ -88,6 +90,7 @@ class MaskSearch(PruneStage):
         importance_batches: int = 2,
         importance_scale: float = 1.0,
         method: str | None = None,
+        kl_chunk_tokens: int | None = None,
         dtype: Dtype = "auto",
         optimizer: OptimizerCallable = torch.optim.AdamW,
         gradient_checkpointing: bool = False,
@@ -98,6 +101,9 @@ class MaskSearch(PruneStage):
         self.num_drop = num_drop_from(ratio, num_drop, self.num_layers, pretrained)
         if ce_weight < 0:
             raise ValueError(f"`model.init_args.ce_weight` must be >= 0, got {ce_weight}.")
+        if kl_chunk_tokens is not None and (isinstance(kl_chunk_tokens, bool) or kl_chunk_tokens < 1):
+            raise ValueError(f"`model.init_args.kl_chunk_tokens` must be >= 1 or null, got {kl_chunk_tokens!r}.")
+        self.kl_chunk_tokens = kl_chunk_tokens
         if importance_batches < 1:
             raise ValueError(f"`model.init_args.importance_batches` must be >= 1, got {importance_batches}.")
         # The gate is tiny: building it here validates protected layers and segments before any weight loads.
@@ -227,7 +233,7 @@ class MaskSearch(PruneStage):
         input_ids, labels = batch["input_ids"], batch["labels"]
         teacher = self._teacher_logits(input_ids)
         student = self._gated_logits(input_ids, self.gate())
-        kl = kl_loss(teacher, student, labels=None, direction=self.kl_direction)
+        kl = kl_loss(teacher, student, labels=None, direction=self.kl_direction, chunk_tokens=self.kl_chunk_tokens)
         loss = kl
         logs = {"train/kl": kl}
         if self.ce_weight > 0:
@@ -248,7 +254,7 @@ class MaskSearch(PruneStage):
         with torch.no_grad():
             hard = self.gate.hard_mask().to(device=input_ids.device, dtype=torch.float32)
             student = self._gated_logits(input_ids, hard)
-        kl = kl_loss(teacher, student, labels=None, direction=self.kl_direction)
+        kl = kl_loss(teacher, student, labels=None, direction=self.kl_direction, chunk_tokens=self.kl_chunk_tokens)
         self.val_ppl.update(student, labels)
         self.val_dense_ppl.update(teacher, labels)
         self.log("val/kl", kl, prog_bar=True, sync_dist=True)
