@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from lit_prune.data import PruneDataModule
@@ -105,17 +106,36 @@ def main(args: ArgsType = None) -> LitPruneCLI | None:
                 raise
             sys.exit(f"error: {err}")
         return None
-    return LitPruneCLI(
-        PruneStage,
-        PruneDataModule,
-        subclass_mode_model=True,
-        auto_configure_optimizers=False,
-        args=args,
-        # Runs with a logger get their own version folder; without one, re-runs would otherwise refuse to start.
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={
-            "epilog": "Other commands: `python -m lit_prune export --help`, `python -m lit_prune evaluate --help`, "
-            "`python -m lit_prune cache-teacher --help`, `python -m lit_prune quantize --help`, "
-            "`python -m lit_prune assets`."
-        },
+    try:
+        return LitPruneCLI(
+            PruneStage,
+            PruneDataModule,
+            subclass_mode_model=True,
+            auto_configure_optimizers=False,
+            args=args,
+            # Runs with a logger get their own version folder; without one, re-runs would otherwise refuse to start.
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={
+                "epilog": "Other commands: `python -m lit_prune export --help`, `python -m lit_prune evaluate --help`, "
+                "`python -m lit_prune cache-teacher --help`, `python -m lit_prune quantize --help`, "
+                "`python -m lit_prune assets`."
+            },
+        )
+    except torch.OutOfMemoryError as err:
+        message = out_of_memory_message(argv)
+        if args is not None:
+            raise RuntimeError(message) from err
+        sys.exit(f"error: {message}\n({str(err).splitlines()[0]})")
+
+
+def out_of_memory_message(argv: list[str]) -> str:
+    """What to change when a step does not fit, with the run's own batch settings where the command line has them."""
+    given = [a for a in argv if a.startswith(("--data.batch_size", "--data.max_length", "--trainer.devices"))]
+    return (
+        "The device ran out of memory" + (f" with {' '.join(given)}" if given else "") + ". A step holds batch_size x "
+        "max_length tokens of activations (and the KL over the vocabulary for each). Lower `data.batch_size` and "
+        "raise `trainer.accumulate_grad_batches` to keep the effective batch; enable activation checkpointing "
+        "(`model.init_args.gradient_checkpointing: true`, or the FSDP strategy's `activation_checkpointing_policy`); "
+        "for MaskSearch set `model.init_args.kl_chunk_tokens` (e.g. 4096); or shard over more GPUs with FSDP. "
+        "docs/scale.md lists the largest batches measured on an 80 GB GPU."
     )

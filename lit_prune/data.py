@@ -266,6 +266,13 @@ class PruneDataModule(L.LightningDataModule):
             train = train.select(range(min(hp.max_train_blocks, len(train))))
         if hp.max_val_blocks is not None:
             val = val.select(range(min(hp.max_val_blocks, len(val))))
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        if stage in (None, "fit") and len(train) < world_size * hp.batch_size:
+            raise DataConfigError(
+                f"Only {len(train)} training block(s) of {hp.max_length} tokens for {world_size} process(es) x "
+                f"`data.batch_size`={hp.batch_size}: some processes would train on padding copies. Add text, lower "
+                "`data.max_length`, `data.batch_size` or `trainer.devices`."
+            )
         self.train_set, self.val_set = train, val
 
     # ---------------------------------------------------------------- loaders
@@ -281,10 +288,12 @@ class PruneDataModule(L.LightningDataModule):
         if trainer is not None and trainer.fit_loop.restarting:
             # Resuming: replay the same permutations and skip the batches the restored run already consumed.
             # Counted from total batches, since Lightning marks an epoch stopped by max_steps as processed.
+            # Under DDP/FSDP each process takes every world_size-th index of this sampler's order.
             consumed = trainer.fit_loop.epoch_loop.batch_progress.total.completed
-            per_epoch = -(-len(self.train_set) // self.hparams.batch_size)
+            per_step = self.hparams.batch_size * trainer.world_size
+            per_epoch = -(-len(self.train_set) // per_step)
             sampler.epoch, skip_batches = divmod(consumed, per_epoch)
-            sampler.skip = skip_batches * self.hparams.batch_size
+            sampler.skip = skip_batches * per_step
         return self._loader(self.train_set, sampler)
 
     def val_dataloader(self) -> DataLoader | list:

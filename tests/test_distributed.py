@@ -150,3 +150,30 @@ def test_shipped_fsdp_configs_pass_the_strategy_checks(config, tmp_path):
                             gradient_checkpointing=init_args.get("gradient_checkpointing", False),
                             config=AutoModelForCausalLM.from_pretrained(checkpoint).config)
     check_run_settings(stage, fake_trainer(strategy, raw["trainer"]["precision"]), float32_trainables=is_search)
+
+
+def test_too_few_training_blocks_for_the_processes_is_refused(tiny_checkpoint, tiny_text):
+    from lit_prune.data import DataConfigError, PruneDataModule
+
+    data = PruneDataModule(tokenizer=str(tiny_checkpoint), text_files=[str(tiny_text)], max_length=64,
+                           batch_size=2, val_fraction=0.1)
+    data.trainer = SimpleNamespace(world_size=100)
+    with pytest.raises(DataConfigError, match=r"training block\(s\) of 64 tokens for 100 process\(es\).*batch_size"):
+        data.setup("fit")
+
+
+def test_out_of_memory_in_fit_names_the_settings_to_change(tiny_checkpoint, tiny_text, tmp_path, monkeypatch):
+    from lit_prune import MaskSearch
+    from lit_prune.cli import main
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(MaskSearch, "training_step", out_of_memory)
+    with pytest.raises(RuntimeError, match=r"ran out of memory with .*--data.batch_size=4.*kl_chunk_tokens.*scale.md"):
+        main(["fit", "-c", str(ROOT / "configs" / "clp_smollm2.yaml"),
+              f"--model.init_args.pretrained={tiny_checkpoint}", "--model.init_args.dtype=float32",
+              f"--data.text_files=[{tiny_text}]", "--data.max_length=32",
+              "--data.batch_size=4", "--trainer.accelerator=cpu", "--trainer.max_steps=1", "--trainer.logger=false",
+              "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
+              "--trainer.num_sanity_val_steps=0", "--model.init_args.ratio=null", "--model.init_args.num_drop=2"])
