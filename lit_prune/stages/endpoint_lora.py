@@ -543,6 +543,8 @@ class EndpointLoRA(RecoveryStage):
         prepare_output_dir(out_dir, overwrite)
         artifact = self.mask_artifact()
         tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(self.pretrained))
+        # Lightning's teardown moves the module to the CPU before on_fit_end; bitsandbytes dequantizes on CUDA.
+        self.model.to(torch.device("cuda", torch.cuda.current_device()))
 
         def write(folder: Path) -> None:
             self.model.save_pretrained(folder / "adapter")

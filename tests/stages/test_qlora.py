@@ -40,20 +40,20 @@ def test_quantize_base_must_be_a_listed_value(tiny_checkpoint, tiny_mask):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="QLoRA (bitsandbytes 4-bit) needs CUDA")
-def test_qlora_trains_lora_on_a_4bit_base_and_exports_a_float_merged_model(tiny_checkpoint, tiny_mask, tiny_text,
-                                                                           tmp_path):
+def test_qlora_trains_lora_on_a_4bit_base_and_exports_a_float_merged_model(tiny_checkpoint, tiny_mask, tmp_path):
+    from torch.utils.data import DataLoader
     from transformers import AutoModelForCausalLM
-
-    from lit_prune.data import PruneDataModule
 
     stage = EndpointLoRA(str(tiny_checkpoint), mask=str(tiny_mask), quantize_base="nf4", r=4, alpha=8.0, dropout=0.0,
                          optimizer=lambda p: torch.optim.Adam(p, lr=0.05))
-    data = PruneDataModule(tokenizer=str(tiny_checkpoint), text_files=[str(tiny_text)], max_length=32, batch_size=2,
-                           val_fraction=0.2)
+    # Plain random blocks: this test runs on GPU images that lack `datasets`.
+    blocks = [{"input_ids": ids, "labels": ids} for ids in torch.randint(3, 100, (8, 32))]
+    data = DataLoader(blocks, batch_size=2)
     trainer = L.Trainer(accelerator="gpu", devices=1, max_steps=3, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path),
                         num_sanity_val_steps=0, limit_val_batches=0)
-    trainer.fit(stage, datamodule=data)
+    trainer.fit(stage, train_dataloaders=data)
+    stage.model.to("cuda")  # fit's teardown left the module on the CPU
     base_layer = stage.model.base_model.model.model.layers[1].mlp.down_proj.base_layer
     assert base_layer.weight.dtype == torch.uint8  # the 4-bit payload
     assert all("lora_" in n for n, p in stage.model.named_parameters() if p.requires_grad)
