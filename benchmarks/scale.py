@@ -195,6 +195,8 @@ def main() -> None:
     write_topk_cache(model, [{"input_ids": blocks[i:i + 1]} for i in range(len(blocks))], cache_dir, k=10,
                      model_id=str(folder))
     results["cache_bytes_per_token"] = sum(f.stat().st_size for f in cache_dir.iterdir()) / blocks.numel()
+    model.to("cpu")  # the distillation rows hold only their student on the GPU
+    free_memory()
     train_batch = {"input_ids": blocks[: args.batch], "labels": blocks[: args.batch]}
 
     for checkpointing in (False, True):
