@@ -450,9 +450,9 @@ def evaluate(
     if batch_size < 1:
         raise ValueError(f"`--batch-size`={batch_size} must be >= 1.")
     # Everything cheap first: output folder, configs, tokenizers, lm-eval and its task names, the data.
+    sources = {name: split_quantization(spec, key=f"--models {name}") for name, spec in models.items()}
     out_dir = prepare_out_dir(out, overwrite) if out is not None else None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    sources = {name: split_quantization(spec, key=f"--models {name}") for name, spec in models.items()}
     configs = {name: load_config(src, key=f"--models {name}") for name, (src, _) in sources.items()}
     quant = {name: check_quantization(name, models[name], method, configs[name], device)
              for name, (_, method) in sources.items()}
