@@ -47,27 +47,38 @@ def block_and_head_params(model) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def decode_tokens_per_s(model, batch: int, prompt: int, new: int, device: str, compiled: bool = False) -> float:
+def decode_tokens_per_s(model, batch: int, prompt: int, new: int, device: str, compiled: bool = False,
+                        repeats: int = 5) -> float:
+    """Greedy decode tokens/s with a static KV cache; only the decode loop is timed (the prefill is not)."""
+    import time
+
     from transformers import StaticCache
 
     input_ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=device)
     step = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False) if compiled else model.forward
     # One cache for every repeat: a new cache object per run makes torch.compile recompile each time.
     cache = StaticCache(config=model.config, max_cache_len=prompt + new)
+    positions = [torch.tensor([prompt + t], device=device) for t in range(new)]
 
-    def run():
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    times = []
+    for _ in range((2 if compiled else 1) + repeats):
         cache.reset()
         out = model(input_ids=input_ids, past_key_values=cache, use_cache=True,
                     cache_position=torch.arange(prompt, device=device))
         token = out.logits[:, -1:].argmax(-1)
-        for t in range(new):
-            out = step(input_ids=token, past_key_values=cache, use_cache=True,
-                       cache_position=torch.tensor([prompt + t], device=device))
+        sync()
+        start = time.perf_counter()
+        for position in positions:
+            out = step(input_ids=token, past_key_values=cache, use_cache=True, cache_position=position)
             token = out.logits[:, -1:].argmax(-1)
-
-    prefill_only = timed(lambda: model(input_ids=input_ids, use_cache=False), repeats=3, warmup=1)
-    total = timed(run, repeats=3, warmup=2 if compiled else 1)
-    return batch * new / max(total - prefill_only, 1e-9)
+        sync()
+        times.append(time.perf_counter() - start)
+    timed_runs = sorted(times[-repeats:])
+    return batch * new / timed_runs[len(timed_runs) // 2]
 
 
 def measure(model, args, device: str) -> dict:

@@ -39,14 +39,14 @@ def llama_folder(tmp_path_factory):
     return path
 
 
-def fsdp_trainer(tmp_path, export, checkpoint_dir=None):
+def fsdp_trainer(tmp_path, export, checkpoint_dir=None, state_dict_type="sharded", activation_checkpointing=True):
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.strategies import FSDPStrategy
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    strategy = FSDPStrategy(auto_wrap_policy={LlamaDecoderLayer}, activation_checkpointing_policy={LlamaDecoderLayer},
-                            state_dict_type="sharded")
+    strategy = FSDPStrategy(auto_wrap_policy={LlamaDecoderLayer}, state_dict_type=state_dict_type,
+                            activation_checkpointing_policy={LlamaDecoderLayer} if activation_checkpointing else None)
     callbacks = [export] + ([ModelCheckpoint(dirpath=checkpoint_dir)] if checkpoint_dir else [])
     return L.Trainer(accelerator="gpu", devices=1, strategy=strategy, precision="bf16-mixed", max_steps=4,
                      gradient_clip_val=1.0, logger=False, enable_checkpointing=bool(checkpoint_dir),
@@ -54,7 +54,10 @@ def fsdp_trainer(tmp_path, export, checkpoint_dir=None):
                      callbacks=callbacks)
 
 
-def test_fsdp_mask_search_keeps_a_float32_gate_and_exports_on_rank0(llama_folder, tmp_path):
+@pytest.mark.parametrize("state_dict_type", ["sharded", "full"])
+@pytest.mark.parametrize("activation_checkpointing", [True, False], ids=["ckpt", "no_ckpt"])
+def test_fsdp_mask_search_keeps_a_float32_gate_and_exports_on_rank0(llama_folder, tmp_path, state_dict_type,
+                                                                     activation_checkpointing):
     from functools import partial
 
     from transformers import AutoModelForCausalLM
@@ -67,7 +70,8 @@ def test_fsdp_mask_search_keeps_a_float32_gate_and_exports_on_rank0(llama_folder
                        ratio=None, dtype="bfloat16", optimizer=partial(torch.optim.Adam, lr=0.1))
     before = [p.detach().clone() for p in stage.gate.parameters()]
     _, loader = blocks_loader(103)
-    trainer = fsdp_trainer(tmp_path, ModelExport(what="both", dirpath=str(tmp_path / "export")), tmp_path / "ckpt")
+    trainer = fsdp_trainer(tmp_path, ModelExport(what="both", dirpath=str(tmp_path / "export")), tmp_path / "ckpt",
+                           state_dict_type, activation_checkpointing)
     trainer.fit(stage, loader, loader)
 
     assert all(p.dtype == torch.float32 and p.is_cuda for p in stage.gate.parameters())
@@ -80,10 +84,13 @@ def test_fsdp_mask_search_keeps_a_float32_gate_and_exports_on_rank0(llama_folder
     for (name, got), (_, want) in zip(pruned.state_dict().items(), expected.state_dict().items()):
         torch.testing.assert_close(got, want, msg=name)
 
-    from torch.distributed.checkpoint import FileSystemReader
-
     (saved,) = (tmp_path / "ckpt").iterdir()
-    keys = list(FileSystemReader(str(saved)).read_metadata().state_dict_metadata)
+    if state_dict_type == "full":
+        keys = list(torch.load(saved, weights_only=False)["state_dict"])
+    else:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        keys = list(FileSystemReader(str(saved)).read_metadata().state_dict_metadata)
     assert any("gate" in k for k in keys), keys
     assert not any("layers" in k for k in keys), "the sharded checkpoint holds the gate, not the frozen weights"
 
