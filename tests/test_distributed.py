@@ -146,10 +146,12 @@ def test_shipped_fsdp_configs_pass_the_strategy_checks(config, tmp_path):
     strategy = parser.instantiate_classes(parser.parse_object({"strategy": raw["trainer"]["strategy"]})).strategy
     init_args = dict(raw["model"]["init_args"])
     is_search = raw["model"]["class_path"] == "lit_prune.MaskSearch"
+    adds_lora = init_args.get("train", "lora") == "lora" and not is_search
     stage = SimpleNamespace(dtype_name=init_args.get("dtype", "auto"), pretrained=str(checkpoint),
                             gradient_checkpointing=init_args.get("gradient_checkpointing", False),
                             config=AutoModelForCausalLM.from_pretrained(checkpoint).config)
-    check_run_settings(stage, fake_trainer(strategy, raw["trainer"]["precision"]), float32_trainables=is_search)
+    check_run_settings(stage, fake_trainer(strategy, raw["trainer"]["precision"]), float32_trainables=is_search,
+                       float32_adapters=adds_lora)
 
 
 def test_too_few_training_blocks_for_the_processes_is_refused(tiny_checkpoint, tiny_text):
@@ -177,3 +179,11 @@ def test_out_of_memory_in_fit_names_the_settings_to_change(tiny_checkpoint, tiny
               "--data.batch_size=4", "--trainer.accelerator=cpu", "--trainer.max_steps=1", "--trainer.logger=false",
               "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
               "--trainer.num_sanity_val_steps=0", "--model.init_args.ratio=null", "--model.init_args.num_drop=2"])
+
+
+def test_fsdp_with_float32_lora_on_bf16_weights_is_refused(search_stage):
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    strategy = fsdp(auto_wrap_policy={LlamaDecoderLayer})
+    with pytest.raises(ValueError, match=r"LoRA adapters are float32.*dtype: float32"):
+        check_run_settings(search_stage, fake_trainer(strategy), float32_adapters=True)

@@ -121,9 +121,14 @@ class PruneStage(L.LightningModule):
         """Small trainable modules kept whole on every rank (outside FSDP's flat parameters)."""
         return []
 
+    def adds_lora(self) -> bool:
+        """True when the stage wraps the model with (float32) LoRA adapters."""
+        return False
+
     def setup(self, stage: str) -> None:
         if self._trainer is not None:
-            check_run_settings(self, self.trainer, float32_trainables=bool(self.replicated_modules()))
+            check_run_settings(self, self.trainer, float32_trainables=bool(self.replicated_modules()),
+                               float32_adapters=self.adds_lora())
 
     def is_sharded(self) -> bool:
         """True when a strategy (FSDP) holds this module's weights in shards."""

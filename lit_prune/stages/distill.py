@@ -155,6 +155,9 @@ class Distill(RecoveryStage):
                 else None
             self.check_targets_early(layers, self.target_modules)
 
+    def adds_lora(self) -> bool:
+        return self.train_scope == "lora"
+
     def setup(self, stage: str) -> None:
         super().setup(stage)
         # The block length is the DataModule's: compare it with the cache before any weight loads.

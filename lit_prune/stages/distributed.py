@@ -54,8 +54,14 @@ def wrap_policy_classes(strategy) -> set[type] | None:
     return set(classes) if classes is not None else None
 
 
-def check_run_settings(stage: Any, trainer: Any, float32_trainables: bool = False) -> None:
-    """Refuse strategy/precision/dtype combinations that cannot work, naming the keys to change."""
+def check_run_settings(
+    stage: Any, trainer: Any, float32_trainables: bool = False, float32_adapters: bool = False
+) -> None:
+    """Refuse strategy/precision/dtype combinations that cannot work, naming the keys to change.
+
+    ``float32_trainables``: the stage trains small float32 modules kept out of FSDP (the gate).
+    ``float32_adapters``: the stage adds float32 LoRA weights inside the decoder layers (peft upcasts adapters).
+    """
     precision = str(trainer.precision)
     dtype = getattr(stage, "dtype_name", "auto")
     if dtype == "bfloat16" and precision in MIXED_WITH_FP16:
@@ -71,6 +77,13 @@ def check_run_settings(stage: Any, trainer: Any, float32_trainables: bool = Fals
             f"{type(stage).__name__} trains a small float32 module (the layer gate) that `trainer.precision`="
             f"{precision!r} would cast down under FSDP. Use `trainer.precision: bf16-mixed` with "
             "`model.init_args.dtype: bfloat16`: the frozen weights stay bfloat16 and the gate float32."
+        )
+    if float32_adapters and dtype != "float32":
+        raise ValueError(
+            f"LoRA adapters are float32 and FSDP flattens each decoder layer into one tensor, which cannot mix them "
+            f"with `model.init_args.dtype`={dtype!r} weights. Under FSDP set `model.init_args.dtype: float32` and keep "
+            "`trainer.precision: bf16-mixed`: the float32 weights are sharded and the matmuls run in bfloat16. "
+            "Or set `model.init_args.train: all` (one dtype for every weight)."
         )
     ac_policy = getattr(strategy, "_activation_checkpointing_kwargs", {}) or {}
     if getattr(stage, "gradient_checkpointing", False) and ac_policy:

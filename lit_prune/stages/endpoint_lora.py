@@ -461,6 +461,9 @@ class EndpointLoRA(RecoveryStage):
                 )
             self.check_teacher(self.teacher)
 
+    def adds_lora(self) -> bool:
+        return True
+
     def on_model_loaded(self) -> None:
         self.build_student()
         if self.teacher is not None:
