@@ -72,6 +72,13 @@ def check_run_settings(
     strategy = fsdp_strategy(trainer)
     if strategy is None:
         return
+    if getattr(strategy, "num_processes", 2) * getattr(strategy, "num_nodes", 1) == 1:
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(
+            "FSDP on one device shards nothing (torch switches to NO_SHARD), and its checkpoints of frozen weights "
+            "can fail. On one GPU prefer `trainer.strategy: auto` with `model.init_args.gradient_checkpointing: true`."
+        )
     if float32_trainables and precision in TRUE_PRECISIONS:
         raise ValueError(
             f"{type(stage).__name__} trains a small float32 module (the layer gate) that `trainer.precision`="
