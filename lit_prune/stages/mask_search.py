@@ -231,8 +231,11 @@ class MaskSearch(PruneStage):
             # Here, not in on_train_start: under FSDP the weights are gathered only inside the wrapped forward.
             self._init_from_kl_importance()
         input_ids, labels = batch["input_ids"], batch["labels"]
+        # Gate first: ConcaveGate's projection reads its few values on the host, and a sync here, before any
+        # forward is queued, costs nothing, while one between the two forwards would idle the GPU.
+        gates = self.gate()
         teacher = self._teacher_logits(input_ids)
-        student = self._gated_logits(input_ids, self.gate())
+        student = self._gated_logits(input_ids, gates)
         kl = kl_loss(teacher, student, labels=None, direction=self.kl_direction, chunk_tokens=self.kl_chunk_tokens)
         loss = kl
         logs = {"train/kl": kl}
