@@ -240,7 +240,7 @@ def main() -> None:
             results["largest_batch"][f"distill{'+ckpt' if checkpointing else ''}"] = largest_batch(
                 make_distill, args.max_batch)
             print("largest distill batch", checkpointing, results["largest_batch"], flush=True)
-        stage = student = lora = None  # free this student before the next one is copied
+        stage = student = lora = make_distill = None  # free this student before the next one is copied
         free_memory()
 
     write_json(args.out, results)
