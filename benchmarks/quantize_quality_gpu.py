@@ -12,7 +12,6 @@ Needs CUDA, bitsandbytes and torchao. Prints a Markdown table last.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine, text_blocks, write_json  # noqa: E402
-from recovery import TARGETS  # noqa: E402
+from recovery import TARGETS, perplexity  # noqa: E402
 
 from lit_prune import EndpointLoRA  # noqa: E402
 from lit_prune.assets import resolve_pretrained, resolve_text_source  # noqa: E402
@@ -32,20 +31,6 @@ from lit_prune.components.checkpoint import export_from_mask  # noqa: E402
 from lit_prune.components.mask_io import load_mask  # noqa: E402
 from lit_prune.components.quantize import load_quantized, model_weight_bytes  # noqa: E402
 from lit_prune.data import EpochShuffleSampler  # noqa: E402
-from lit_prune.metrics import shifted_token_nll  # noqa: E402
-
-
-@torch.no_grad()
-def perplexity(model, blocks: torch.Tensor, batch: int, device: str) -> float:
-    if getattr(model, "hf_quantizer", None) is None or not str(model.device).startswith(device):
-        model.to(device)  # bitsandbytes models were placed while loading
-    model.eval()
-    nll, count = 0.0, 0
-    for chunk in blocks.split(batch):
-        chunk = chunk.to(device)
-        n, c = shifted_token_nll(model(input_ids=chunk, use_cache=False).logits, chunk)
-        nll, count = nll + float(n), count + int(c)
-    return math.exp(nll / count)
 
 
 def main() -> None:

@@ -40,7 +40,9 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 @torch.no_grad()
 def perplexity(model, blocks: torch.Tensor, batch: int, device: str) -> float:
-    model.to(device).eval()  # Lightning moves a module back to the CPU when fit ends
+    if getattr(model, "hf_quantizer", None) is None:
+        model.to(device)  # Lightning moves a module back to the CPU when fit ends; quantized ones load placed
+    model.eval()
     nll, count = 0.0, 0
     for chunk in blocks.split(batch):
         chunk = chunk.to(device)
