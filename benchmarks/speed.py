@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 from pathlib import Path
 
@@ -117,10 +118,17 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="also time a compiled decode step (slow to warm up)")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default=None, help="JSON results")
+    parser.add_argument("--markdown", default=None, help="also write the table to this Markdown file")
+    parser.add_argument("--plot", default=None, help="also draw measured vs ideal speed-up to this PNG")
+    parser.add_argument("--replot", default=None, help="re-render the table/plot of a saved --out JSON (no timing)")
     args = parser.parse_args()
 
-    results, rows = {"machine": machine(), "args": vars(args), "models": {}}, []
+    if args.replot:
+        results = json.loads(Path(args.replot).read_text())
+        report(results, args.markdown, args.plot)
+        return
+    results = {"machine": machine(), "args": vars(args), "models": {}}
     for shape in args.shape or [None]:
         name = shape or args.model
         dense, device = build(args, shape)
@@ -136,27 +144,53 @@ def main() -> None:
             result = measure(pruned, args, device)
             result["ideal"] = ideal
             entry["pruned"][str(ratio)] = result
-            for key, value in result.items():
-                if key.startswith("prefill_"):
-                    speedup = dense_result[key]["seconds"] / value["seconds"]
-                    rows.append((name, ratio, key, dense_result[key]["tokens_per_s"], value["tokens_per_s"], speedup,
-                                 ideal, value["peak_gib"]))
-                elif key.startswith("decode_"):
-                    speedup = value / dense_result[key]
-                    rows.append((name, ratio, key, dense_result[key], value, speedup, ideal, float("nan")))
             del pruned
         results["models"][name] = entry
         del dense
         if device == "cuda":
             torch.cuda.empty_cache()
     write_json(args.out, results)
-    print(f"\nmachine: {results['machine']}; dtype {args.dtype}; decode: prompt {args.decode_prompt}, "
-          f"{args.decode_new} new tokens, static cache")
-    print("| model | removed | measure | dense tok/s | pruned tok/s | speedup | ideal | vs ideal | pruned peak GiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    report(results, args.markdown, args.plot)
+
+
+def speed_rows(results: dict) -> list[tuple]:
+    """(model, ratio, measure, dense tok/s, pruned tok/s, speedup, ideal, pruned peak GiB) per measurement."""
+    rows = []
+    for name, entry in results["models"].items():
+        dense = entry["dense"]
+        for ratio, result in entry["pruned"].items():
+            for key, value in result.items():
+                if key.startswith("prefill_"):
+                    rows.append((name, float(ratio), key, dense[key]["tokens_per_s"], value["tokens_per_s"],
+                                 dense[key]["seconds"] / value["seconds"], result["ideal"], value["peak_gib"]))
+                elif key.startswith("decode_"):
+                    rows.append((name, float(ratio), key, dense[key], value, value / dense[key], result["ideal"],
+                                 float("nan")))
+    return rows
+
+
+def report(results: dict, markdown: str | None, plot: str | None) -> None:
+    args = results["args"]
+    rows = speed_rows(results)
+    lines = [
+        f"machine: {results['machine']}; dtype {args['dtype']}; decode: prompt {args['decode_prompt']}, "
+        f"{args['decode_new']} new tokens, static cache",
+        "",
+        "| model | removed | measure | dense tok/s | pruned tok/s | speedup | ideal | vs ideal | pruned peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, ratio, key, d, p, s, ideal, mem in rows:
-        print(f"| {name} | {ratio:.0%} | {key} | {d:,.0f} | {p:,.0f} | {s:.3f}x | {ideal:.3f}x | {s / ideal:.3f} "
-              f"| {mem:.1f} |")
+        lines.append(f"| {name} | {ratio:.0%} | {key} | {d:,.0f} | {p:,.0f} | {s:.3f}x | {ideal:.3f}x "
+                     f"| {s / ideal:.3f} | {mem:.1f} |")
+    if markdown:
+        Path(markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(markdown).write_text("\n".join(lines) + "\n")
+    if plot:
+        from lit_prune.reports import speedup_png
+
+        speedup_png([{"label": f"{name} {ratio:.0%} {key}", "speedup": s, "ideal": ideal}
+                     for name, ratio, key, _, _, s, ideal, _ in rows], plot)
+    print("\n" + "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -357,6 +357,47 @@ def retention_speedup_png(points: Sequence[Mapping[str, Any]], out_png: str | Pa
     return _save(fig, out_png)
 
 
+def speedup_png(rows: Sequence[Mapping[str, Any]], out_png: str | Path, title: str | None = None) -> Path:
+    """Horizontal bars of measured speed-up next to the ideal one, one pair per measurement (benchmarks/speed.py).
+
+    Args:
+        rows: ``[{"label": str, "speedup": float, "ideal": float}, ...]``, e.g. label
+            ``"llama2-7b 25% prefill_1x2048"``.
+        out_png: Where to write the PNG.
+        title: Optional figure title.
+
+    Raises:
+        ReportError: No rows, a row without the three keys, or a non-positive or non-finite value.
+    """
+    if not rows:
+        raise ReportError("speedup_png needs at least one row: [{label, speedup, ideal}, ...].")
+    checked = []
+    for i, row in enumerate(rows):
+        missing = [key for key in ("label", "speedup", "ideal") if key not in row]
+        if missing:
+            raise ReportError(f"Row {i} ({dict(row)}) lacks {missing}; each row is {{label, speedup, ideal}}.")
+        speedup, ideal = float(row["speedup"]), float(row["ideal"])
+        if not (math.isfinite(speedup) and math.isfinite(ideal) and speedup > 0 and ideal > 0):
+            raise ReportError(f"Row {i} ({dict(row)}): speedup and ideal must be finite and > 0.")
+        checked.append((str(row["label"]), speedup, ideal))
+    fig = _new_figure(width=6.5, height=1.0 + 0.32 * len(checked))
+    ax = fig.add_subplot()
+    positions = list(range(len(checked)))[::-1]  # first row on top
+    ax.barh([p + 0.2 for p in positions], [c[2] for c in checked], height=0.4, color="lightgrey", label="ideal")
+    ax.barh([p - 0.2 for p in positions], [c[1] for c in checked], height=0.4, color=KEPT_COLOR, label="measured")
+    for position, (_, speedup, ideal) in zip(positions, checked, strict=True):
+        ax.annotate(f"{speedup / ideal:.2f} of ideal", (speedup, position - 0.2), xytext=(3, 0),
+                    textcoords="offset points", va="center", fontsize=7)
+    ax.set_yticks(positions)
+    ax.set_yticklabels([c[0] for c in checked], fontsize=7)
+    ax.axvline(1.0, color="grey", linestyle="--", linewidth=0.8)
+    ax.set_xlabel("speed-up over dense")
+    ax.set_xlim(0, max(max(c[1], c[2]) for c in checked) * 1.3)  # room for the "of ideal" labels
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_title(title or "Pruned vs dense: measured and ideal speed-up", fontsize=9)
+    return _save(fig, out_png)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------------------------

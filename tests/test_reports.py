@@ -18,6 +18,7 @@ from lit_prune.reports import (
     main,
     read_scalars,
     retention_speedup_png,
+    speedup_png,
 )
 
 ROOT = Path(__file__).parents[1]
@@ -233,3 +234,15 @@ def test_cli_errors_are_one_line_messages(search_run, tmp_path, monkeypatch, cap
     with pytest.raises(ReportError, match="unique"):
         main([str(search_run), "--masks", "a=x.json", "a=y.json", "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
+
+
+def test_speedup_png_draws_measured_next_to_ideal_and_checks_rows(tmp_path):
+    rows = [{"label": "llama2-7b 25% prefill_1x2048", "speedup": 1.314, "ideal": 1.325},
+            {"label": "llama2-7b 25% decode_b1", "speedup": 1.2, "ideal": 1.325}]
+    png = speedup_png(rows, tmp_path / "speed.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ReportError, match="lacks \\['ideal'\\]"):
+        speedup_png([{"label": "x", "speedup": 1.2}], tmp_path / "bad.png")
+    with pytest.raises(ReportError, match="finite and > 0"):
+        speedup_png([{"label": "x", "speedup": 0.0, "ideal": 1.2}], tmp_path / "bad.png")
+    assert not (tmp_path / "bad.png").exists()
