@@ -187,3 +187,43 @@ def test_fsdp_with_float32_lora_on_bf16_weights_is_refused(search_stage):
     strategy = fsdp(auto_wrap_policy={LlamaDecoderLayer})
     with pytest.raises(ValueError, match=r"LoRA adapters are float32.*dtype: float32"):
         check_run_settings(search_stage, fake_trainer(strategy), float32_adapters=True)
+
+
+def fsdp_rank(rank: int, world_size: int = 2):
+    from lightning.fabric.plugins.environments import LightningEnvironment
+
+    environment = LightningEnvironment()
+    environment.set_world_size(world_size)
+    environment.set_global_rank(rank)
+    return fsdp(parallel_devices=[torch.device("cpu")] * world_size, cluster_environment=environment)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_fsdp_ranks_above_zero_build_on_meta_and_rank0_loads(tiny_checkpoint, rank):
+    from lit_prune import ConcaveGate, MaskSearch
+
+    strategy = fsdp_rank(rank)
+    stage = MaskSearch(str(tiny_checkpoint), gate=ConcaveGate, num_drop=2, ratio=None)
+    stage._trainer = SimpleNamespace(strategy=strategy)
+    stage.configure_model()
+
+    devices = {p.device.type for p in stage.model.parameters()}
+    assert devices == ({"meta"} if rank else {"cpu"}), "only rank 0 reads the checkpoint"
+    assert stage.weights_on_meta == bool(rank)
+    assert strategy.kwargs["sync_module_states"] is True, "FSDP broadcasts rank 0's weights while sharding"
+    assert strategy.kwargs["ignored_states"] == [stage.gate], "the float32 gate stays out of the flat parameters"
+    assert not any(p.is_meta for p in stage.gate.parameters())
+    layer = stage.model.model.layers[0].mlp.up_proj
+    strategy.kwargs["param_init_fn"](layer)  # what FSDP calls on each meta module before the broadcast
+    assert not layer.weight.is_meta and layer.weight.device.type == "cpu"
+
+
+def test_single_process_fsdp_changes_no_loading(tiny_checkpoint):
+    from lit_prune import ConcaveGate, MaskSearch
+
+    strategy = fsdp_rank(0, world_size=1)
+    stage = MaskSearch(str(tiny_checkpoint), gate=ConcaveGate, num_drop=2, ratio=None)
+    stage._trainer = SimpleNamespace(strategy=strategy)
+    stage.configure_model()
+    assert not stage.weights_on_meta and "sync_module_states" not in strategy.kwargs
+    assert strategy.kwargs["ignored_states"] == [stage.gate]
