@@ -103,6 +103,9 @@ def main() -> None:
     parser.add_argument("--kl-chunk", type=int, default=4096, help="MaskSearch kl_chunk_tokens for the chunked rows")
     parser.add_argument("--skip-largest", action="store_true")
     parser.add_argument("--allow-cpu", action="store_true", help="run on the CPU (checks the script, not the GPU)")
+    parser.add_argument("--compile-blocks", action="store_true",
+                        help="torch.compile the norm/MLP submodules of every layer, for plain and search alike")
+    parser.add_argument("--only", choices=["search", "distill"], default=None)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if not CUDA and not args.allow_cpu:
@@ -119,6 +122,10 @@ def main() -> None:
     config.save_pretrained(folder)  # the stages read the config (no weights) to validate their settings
     with device:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    if args.compile_blocks:
+        from lit_prune.components.compile import compile_pointwise_blocks
+
+        print("compiled modules:", compile_pointwise_blocks(model), flush=True)
     tokens = args.batch * args.seq
     mm, attn = matmul_and_attention_flops(model, args.seq)
     results: dict = {"machine": machine(), "args": vars(args), "rows": [], "largest_batch": {}}
@@ -159,7 +166,7 @@ def main() -> None:
             return step
         return make
 
-    for checkpointing in (False, True):
+    for checkpointing in (False, True) if args.only != "distill" else ():
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.train()
@@ -185,6 +192,10 @@ def main() -> None:
         p.requires_grad_(False)
 
     # ------------------------------------------------------------------ distill with a cached teacher
+    if args.only == "search":
+        write_json(args.out, results)
+        print_table(results, args)
+        return
     num_drop = round(args.ratio * config.num_hidden_layers)
     start = (config.num_hidden_layers - num_drop) // 2
     mask = folder / "mask.json"
@@ -244,15 +255,21 @@ def main() -> None:
         free_memory()
 
     write_json(args.out, results)
-    print(f"\nmachine: {results['machine']}; {args.shape} random weights, bf16, batch {args.batch} x {args.seq}")
+    print_table(results, args)
+
+
+def print_table(results: dict, args) -> None:
+    print(f"\nmachine: {results['machine']}; {args.shape} random weights, bf16, batch {args.batch} x {args.seq}"
+          + (", norm/MLP submodules compiled" if args.compile_blocks else ""))
     print("| step | act. ckpt | seconds | tokens/s | TFLOP/s | vs plain | peak GiB |")
     print("|---|---|---|---|---|---|---|")
-    for r in rows:
+    for r in results["rows"]:
         ckpt = "yes" if r["checkpointing"] else "no"
         print(f"| {r['step']} | {ckpt} | {r['seconds']:.3f} | {r['tokens_per_s']:,.0f} | {r['tflops']:.0f} "
               f"| {r['vs_plain']:.2f}x | {r['peak_gib']:.1f} |")
     print("largest batch (x", args.seq, "tokens):", results["largest_batch"])
-    print(f"teacher cache: {results['cache_bytes_per_token']:.1f} bytes/token")
+    if "cache_bytes_per_token" in results:
+        print(f"teacher cache: {results['cache_bytes_per_token']:.1f} bytes/token")
 
 
 if __name__ == "__main__":

@@ -73,6 +73,8 @@ class MaskSearch(PruneStage):
         method: Name recorded in mask.json (default: ``clp`` for ConcaveGate, ``e3`` for GumbelTopKGate).
         kl_chunk_tokens: Compute the KL over this many tokens at a time, recomputed in backward: lowers peak memory
             at large batch x vocabulary (docs/scale.md); null computes it at once.
+        compile_blocks: torch.compile each decoder layer's norm and MLP submodules (fuses their pointwise ops; the
+            first steps pay the compile time). See docs/scale.md.
         dtype: Dtype the frozen weights are loaded in (bfloat16 halves memory; the gate stays float32).
         optimizer: Optimizer factory for the gate parameters.
         gradient_checkpointing: Recompute layer activations in the backward pass to save memory.
@@ -91,6 +93,7 @@ class MaskSearch(PruneStage):
         importance_scale: float = 1.0,
         method: str | None = None,
         kl_chunk_tokens: int | None = None,
+        compile_blocks: bool = False,
         dtype: Dtype = "auto",
         optimizer: OptimizerCallable = torch.optim.AdamW,
         gradient_checkpointing: bool = False,
@@ -104,6 +107,9 @@ class MaskSearch(PruneStage):
         if kl_chunk_tokens is not None and (isinstance(kl_chunk_tokens, bool) or kl_chunk_tokens < 1):
             raise ValueError(f"`model.init_args.kl_chunk_tokens` must be >= 1 or null, got {kl_chunk_tokens!r}.")
         self.kl_chunk_tokens = kl_chunk_tokens
+        self.compile_blocks = compile_blocks
+        if compile_blocks:
+            self._check_compilable()
         if importance_batches < 1:
             raise ValueError(f"`model.init_args.importance_batches` must be >= 1, got {importance_batches}.")
         # The gate is tiny: building it here validates protected layers and segments before any weight loads.
@@ -188,6 +194,22 @@ class MaskSearch(PruneStage):
     def on_model_loaded(self) -> None:
         self.freeze_model()
         self.gating = LayerGating(self.model)
+        if self.compile_blocks:
+            from lit_prune.components.compile import compile_pointwise_blocks
+
+            compile_pointwise_blocks(self.model)
+
+    def _check_compilable(self) -> None:
+        """Before any weight loads: the architecture must have norm/MLP submodules to compile."""
+        from lit_prune.components.compile import POINTWISE_SUFFIXES, pointwise_blocks
+        from lit_prune.stages.endpoint_lora import meta_model
+
+        if not pointwise_blocks(meta_model(self.config)):
+            raise ValueError(
+                f"`model.init_args.compile_blocks: true` found no submodule named *{' or *'.join(POINTWISE_SUFFIXES)} "
+                f"in the decoder layers of {self.pretrained!r} ({self.config.model_type}). Set it to false for this "
+                "architecture."
+            )
 
     def train(self, mode: bool = True):
         super().train(mode)
