@@ -26,7 +26,7 @@ from lit_prune.components.losses import Direction, kl_loss, next_token_ce
 from lit_prune.components.mask_io import MaskArtifact
 from lit_prune.metrics import TokenPerplexity
 from lit_prune.stages.base import Dtype, PruneStage, save_gated_as_pruned, strip_frozen_model
-from lit_prune.stages.distributed import average_across_ranks, broadcast_from_rank0_
+from lit_prune.stages.distributed import average_across_ranks, broadcast_from_rank0_, fsdp_strategy
 
 METHOD_NAMES = {ConcaveGate: "clp", GumbelTopKGate: "e3"}
 
@@ -109,6 +109,12 @@ class MaskSearch(PruneStage):
         self.kl_chunk_tokens = kl_chunk_tokens
         self.compile_blocks = compile_blocks
         if compile_blocks:
+            if gradient_checkpointing:
+                raise ValueError(
+                    "`model.init_args.compile_blocks: true` cannot be combined with `gradient_checkpointing: true`: "
+                    "the recomputed compiled blocks save different tensors (torch CheckpointError). Use one of the "
+                    "two."
+                )
             self._check_compilable()
         if importance_batches < 1:
             raise ValueError(f"`model.init_args.importance_batches` must be >= 1, got {importance_batches}.")
@@ -190,6 +196,15 @@ class MaskSearch(PruneStage):
     # ------------------------------------------------------------ model
     def replicated_modules(self):
         return [self.gate]
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        strategy = fsdp_strategy(self._trainer)
+        if self.compile_blocks and strategy is not None and getattr(strategy, "_activation_checkpointing_kwargs", None):
+            raise ValueError(
+                "`model.init_args.compile_blocks: true` cannot be combined with the FSDP strategy's "
+                "`activation_checkpointing_policy` (torch CheckpointError on recomputation). Drop one of the two."
+            )
 
     def on_model_loaded(self) -> None:
         self.freeze_model()

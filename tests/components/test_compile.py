@@ -40,3 +40,11 @@ def test_compile_blocks_is_refused_for_an_architecture_without_norm_or_mlp_modul
     assert not pointwise_blocks(tiny_model("opt"))
     with pytest.raises(ValueError, match=r"compile_blocks: true.*RMSNorm.*MLP.*opt"):
         MaskSearch(str(tmp_path), gate=ConcaveGate, num_drop=2, ratio=None, compile_blocks=True)
+
+
+def test_compile_blocks_with_gradient_checkpointing_is_refused(tiny_checkpoint):
+    from lit_prune import ConcaveGate, MaskSearch
+
+    with pytest.raises(ValueError, match="compile_blocks: true.*gradient_checkpointing: true"):
+        MaskSearch(str(tiny_checkpoint), gate=ConcaveGate, num_drop=2, ratio=None, compile_blocks=True,
+                   gradient_checkpointing=True)
