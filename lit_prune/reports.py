@@ -302,21 +302,30 @@ def importance_png(masks: Mapping[str, str | Path | MaskArtifact], out_png: str 
     return _save(fig, out_png)
 
 
-def _check_points(points: Sequence[Mapping[str, Any]]) -> list[tuple[str, float, float]]:
-    if not points:
-        raise ReportError("retention_speedup_png needs at least one point: [{name, retention, speedup}, ...].")
+def _check_records(
+    records: Sequence[Mapping[str, Any]], figure: str, noun: str, fields: tuple[str, str, str],
+    positive: tuple[str, ...],
+) -> list[tuple[str, float, float]]:
+    """``(label, x, y)`` per record of ``fields`` (a label key, two number keys); ``positive`` numbers must be > 0."""
+    label, first, second = fields
+    shape = "{" + ", ".join(fields) + "}"
+    if not records:
+        raise ReportError(f"{figure} needs at least one {noun}: [{shape}, ...].")
     checked = []
-    for i, point in enumerate(points):
-        missing = [key for key in ("name", "retention", "speedup") if key not in point]
+    for i, record in enumerate(records):
+        where = f"{noun.capitalize()} {i} ({dict(record)})"
+        missing = [key for key in fields if key not in record]
         if missing:
-            raise ReportError(f"Point {i} ({dict(point)}) lacks {missing}; each point is {{name, retention, speedup}}.")
+            raise ReportError(f"{where} lacks {missing}; each {noun} is {shape}.")
         try:
-            retention, speedup = float(point["retention"]), float(point["speedup"])
+            values = float(record[first]), float(record[second])
         except (TypeError, ValueError):
-            raise ReportError(f"Point {i} ({dict(point)}): retention and speedup must be numbers.") from None
-        if not (math.isfinite(retention) and math.isfinite(speedup) and speedup > 0):
-            raise ReportError(f"Point {i} ({dict(point)}): retention must be finite and speedup finite and > 0.")
-        checked.append((str(point["name"]), retention, speedup))
+            raise ReportError(f"{where}: {first} and {second} must be numbers.") from None
+        if not all(math.isfinite(v) and (key not in positive or v > 0) for key, v in zip((first, second), values)):
+            rule = "; ".join(f"{key} must be finite" + (" and > 0" if key in positive else "")
+                             for key in (first, second))
+            raise ReportError(f"{where}: {rule}.")
+        checked.append((str(record[label]), *values))
     return checked
 
 
@@ -335,7 +344,8 @@ def retention_speedup_png(points: Sequence[Mapping[str, Any]], out_png: str | Pa
     Raises:
         ReportError: No points, a point without the three keys, or non-numeric / non-finite values.
     """
-    checked = _check_points(points)
+    checked = _check_records(points, "retention_speedup_png", "point", ("name", "retention", "speedup"),
+                             positive=("speedup",))
     fig = _new_figure(width=5.5, height=4.0)
     ax = fig.add_subplot()
     ax.axvline(1.0, color="grey", linestyle="--", linewidth=0.8)
@@ -369,17 +379,7 @@ def speedup_png(rows: Sequence[Mapping[str, Any]], out_png: str | Path, title: s
     Raises:
         ReportError: No rows, a row without the three keys, or a non-positive or non-finite value.
     """
-    if not rows:
-        raise ReportError("speedup_png needs at least one row: [{label, speedup, ideal}, ...].")
-    checked = []
-    for i, row in enumerate(rows):
-        missing = [key for key in ("label", "speedup", "ideal") if key not in row]
-        if missing:
-            raise ReportError(f"Row {i} ({dict(row)}) lacks {missing}; each row is {{label, speedup, ideal}}.")
-        speedup, ideal = float(row["speedup"]), float(row["ideal"])
-        if not (math.isfinite(speedup) and math.isfinite(ideal) and speedup > 0 and ideal > 0):
-            raise ReportError(f"Row {i} ({dict(row)}): speedup and ideal must be finite and > 0.")
-        checked.append((str(row["label"]), speedup, ideal))
+    checked = _check_records(rows, "speedup_png", "row", ("label", "speedup", "ideal"), positive=("speedup", "ideal"))
     fig = _new_figure(width=6.5, height=1.0 + 0.32 * len(checked))
     ax = fig.add_subplot()
     positions = list(range(len(checked)))[::-1]  # first row on top
