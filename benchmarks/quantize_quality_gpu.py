@@ -14,23 +14,20 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine, text_blocks, write_json  # noqa: E402
-from recovery import TARGETS, perplexity  # noqa: E402
+from recovery import TARGETS, fit_seconds, perplexity  # noqa: E402
 
 from lit_prune import EndpointLoRA  # noqa: E402
 from lit_prune.assets import resolve_pretrained, resolve_text_source  # noqa: E402
 from lit_prune.components.checkpoint import export_from_mask  # noqa: E402
 from lit_prune.components.mask_io import load_mask  # noqa: E402
 from lit_prune.components.quantize import load_quantized, model_weight_bytes  # noqa: E402
-from lit_prune.data import EpochShuffleSampler  # noqa: E402
 
 
 def main() -> None:
@@ -78,21 +75,12 @@ def main() -> None:
     for method in args.methods:
         record(f"pruned {method}", load_quantized(str(pruned), method, device=device))
 
-    def loader() -> DataLoader:
-        rows_ = [{"input_ids": b, "labels": b} for b in train]
-        return DataLoader(rows_, batch_size=args.batch, sampler=EpochShuffleSampler(len(rows_), 1337))
-
     optimizer = lambda p: torch.optim.AdamW(p, lr=args.lr, weight_decay=0.0)  # noqa: E731
     for base in args.bases:
         L.seed_everything(1337, verbose=False)
         stage = EndpointLoRA(folder, mask=args.mask, dtype="bfloat16", optimizer=optimizer, allow_model_mismatch=True,
                              target_modules=TARGETS, loss="ce", quantize_base=base)
-        trainer = L.Trainer(accelerator="auto", devices=1, max_steps=args.steps, logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                            limit_val_batches=0, gradient_clip_val=1.0)
-        start = time.perf_counter()
-        trainer.fit(stage, train_dataloaders=loader())
-        seconds = time.perf_counter() - start
+        seconds = fit_seconds(stage, train, args.batch, args.steps)
         out = work / f"recovered_{base}"
         stage.save_pruned_model(str(out))
         label = "LoRA on bf16 base" if base == "none" else "QLoRA (NF4 base)"
@@ -101,7 +89,7 @@ def main() -> None:
             out, dtype=torch.bfloat16))
         record(f"pruned + recovered ({label}) as {args.serve_as}",
                load_quantized(str(out), args.serve_as, device=device))
-        del stage, trainer
+        del stage
         if device == "cuda":
             torch.cuda.empty_cache()
 

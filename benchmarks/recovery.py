@@ -52,6 +52,18 @@ def perplexity(model, blocks: torch.Tensor, batch: int, device: str) -> float:
     return math.exp(nll / count)
 
 
+def fit_seconds(stage, train: torch.Tensor, batch: int, steps: int) -> float:
+    """Train ``stage`` for ``steps`` on shuffled ``train`` blocks (seeded order, the same for every variant)."""
+    rows = [{"input_ids": b, "labels": b} for b in train]
+    loader = DataLoader(rows, batch_size=batch, sampler=EpochShuffleSampler(len(rows), 1337))
+    trainer = L.Trainer(accelerator="auto", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        gradient_clip_val=1.0)
+    start = time.perf_counter()
+    trainer.fit(stage, train_dataloaders=loader)
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="offline:smollm2-135m")
@@ -90,10 +102,6 @@ def main() -> None:
     results = {"machine": machine(), "args": vars(args), "train_blocks": len(train), "val_blocks": len(val),
                "tokens_per_variant": tokens, "dense_ppl": dense_ppl, "pruned_ppl": pruned_ppl, "variants": {}}
 
-    def loader() -> DataLoader:
-        rows = [{"input_ids": b, "labels": b} for b in train]
-        return DataLoader(rows, batch_size=args.batch, sampler=EpochShuffleSampler(len(rows), 1337))
-
     cache_dir = None
     if any(v.endswith("_cached") for v in args.variants):
         cache_dir = Path(tempfile.mkdtemp()) / "teacher_topk"
@@ -117,18 +125,13 @@ def main() -> None:
             teacher = dict(teacher_cache=str(cache_dir)) if name.endswith("_cached") else dict(teacher=folder)
             weighting = "none" if "plain" in name else "normalized"
             stage = Distill(**common, **teacher, weighting=weighting, train="lora", lora_layers="all")
-        trainer = L.Trainer(accelerator="auto", devices=1, max_steps=args.steps, logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                            limit_val_batches=0, gradient_clip_val=1.0)
-        start = time.perf_counter()
-        trainer.fit(stage, train_dataloaders=loader())
-        seconds = time.perf_counter() - start
+        seconds = fit_seconds(stage, train, args.batch, args.steps)
         ppl = perplexity(stage.model, val, args.batch, device)
         closed = (pruned_ppl - ppl) / (pruned_ppl - dense_ppl)
         trainable = sum(p.numel() for p in stage.parameters() if p.requires_grad)
         results["variants"][name] = {"ppl": ppl, "gap_closed": closed, "seconds": seconds, "trainable": trainable,
                                      "tokens_per_s": tokens / seconds}
-        del stage, trainer
+        del stage
         if device == "cuda":
             torch.cuda.empty_cache()
     write_json(args.out, results)
