@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lit_prune.components.losses import Direction, scored_positions
+from lit_prune.components.losses import Direction, kl_from_log_probs, scored_positions, token_entropy
 
 Weighting = Literal["normalized", "linear", "none"]
 Teacher = Tensor | tuple[Tensor, Tensor]
@@ -194,8 +194,7 @@ def entropy_aware_kd_terms(
     mask = scored_positions(labels, student_logits.shape[:2], ignore_index, student_logits.device)
     t_logits = t_logits.detach().float()
     with torch.no_grad():
-        logp_t1 = F.log_softmax(t_logits, dim=-1)
-        entropy = -(logp_t1.exp() * logp_t1).sum(-1)
+        entropy = token_entropy(t_logits)
     logp_t = F.log_softmax(t_logits / temperature, dim=-1)
     if indices is None:
         logp_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
@@ -203,10 +202,7 @@ def entropy_aware_kd_terms(
         logp_s = F.log_softmax(student_logits.float() / temperature, dim=-1).gather(-1, indices)
         if direction == "reverse":
             logp_s = F.log_softmax(logp_s, dim=-1)  # the student renormalised over the teacher's K ids
-    if direction == "forward":
-        kl = (logp_t.exp() * (logp_t - logp_s)).sum(-1)
-    else:
-        kl = (logp_s.exp() * (logp_s - logp_t)).sum(-1)
+    kl = kl_from_log_probs(logp_t, logp_s, direction)
     weights = weights_from_entropy(entropy, weighting, beta, mask, eps)
     return KDTerms(kl=kl, weights=weights, entropy=entropy, mask=mask, temperature=float(temperature))
 

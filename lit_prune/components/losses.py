@@ -32,9 +32,14 @@ def token_kl(
     # Fewer full [tokens, vocab] float32 passes: no division at temperature 1, and kl_div's fused pointwise form.
     t = F.log_softmax(_soften(teacher_logits, temperature), dim=-1)
     s = F.log_softmax(_soften(student_logits, temperature), dim=-1)
+    return kl_from_log_probs(t, s, direction)
+
+
+def kl_from_log_probs(logp_teacher: Tensor, logp_student: Tensor, direction: Direction = "forward") -> Tensor:
+    """KL over the last dimension between two log-probability tensors: KL(t || s) forward, KL(s || t) reverse."""
     if direction == "forward":
-        return F.kl_div(s, t, reduction="none", log_target=True).sum(-1)
-    return F.kl_div(t, s, reduction="none", log_target=True).sum(-1)
+        return F.kl_div(logp_student, logp_teacher, reduction="none", log_target=True).sum(-1)
+    return F.kl_div(logp_teacher, logp_student, reduction="none", log_target=True).sum(-1)
 
 
 def _soften(logits: Tensor, temperature: float) -> Tensor:
