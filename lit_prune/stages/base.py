@@ -22,7 +22,6 @@ from lit_prune.components.layers import check_supported
 from lit_prune.metrics import TokenPerplexity, shifted_token_nll
 from lit_prune.stages.distributed import (
     average_gradients_,
-    build_on_meta,
     check_run_settings,
     clip_fsdp_gradients,
     fsdp_strategy,
@@ -68,6 +67,15 @@ def load_causal_lm(pretrained: str, dtype: Dtype = "auto") -> nn.Module:
 
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     return AutoModelForCausalLM.from_pretrained(resolve_pretrained(pretrained), dtype=torch_dtype)
+
+
+def meta_model(config, dtype: Dtype = "auto") -> nn.Module:
+    """The model's module structure without weights (device ``meta``): for early checks, and for FSDP ranks > 0."""
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = config.dtype if dtype == "auto" else getattr(torch, dtype)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
 
 
 def save_gated_as_pruned(stage: PruneStage, out_dir: str, overwrite: bool = False) -> None:
@@ -137,7 +145,8 @@ class PruneStage(L.LightningModule):
     def load_weights(self, pretrained: str) -> nn.Module:
         """Load a model, or only its architecture on the meta device where FSDP will broadcast rank 0's weights."""
         if self.weights_on_meta:
-            return build_on_meta(pretrained, self.dtype_name)
+            config = self.config if pretrained == self.pretrained else load_config(pretrained)
+            return meta_model(config, self.dtype_name)
         return load_causal_lm(pretrained, self.dtype_name)
 
     @property

@@ -54,6 +54,11 @@ def wrap_policy_classes(strategy) -> set[type] | None:
     return set(classes) if classes is not None else None
 
 
+def checkpoints_activations(strategy) -> bool:
+    """True when an FSDP strategy was given an ``activation_checkpointing_policy``."""
+    return bool(getattr(strategy, "_activation_checkpointing_kwargs", None))
+
+
 def check_run_settings(
     stage: Any, trainer: Any, float32_trainables: bool = False, float32_adapters: bool = False
 ) -> None:
@@ -92,8 +97,7 @@ def check_run_settings(
             "`trainer.precision: bf16-mixed`: the float32 weights are sharded and the matmuls run in bfloat16. "
             "Or set `model.init_args.train: all` (one dtype for every weight)."
         )
-    ac_policy = getattr(strategy, "_activation_checkpointing_kwargs", {}) or {}
-    if getattr(stage, "gradient_checkpointing", False) and ac_policy:
+    if getattr(stage, "gradient_checkpointing", False) and checkpoints_activations(strategy):
         raise ValueError(
             "Activation checkpointing is set twice: `model.init_args.gradient_checkpointing: true` and "
             "`trainer.strategy.init_args.activation_checkpointing_policy`. Under FSDP keep the strategy's policy and "
@@ -131,18 +135,6 @@ def prepare_fsdp_loading(trainer: Any, replicated: list[nn.Module]) -> bool:
     strategy.kwargs.setdefault("sync_module_states", True)
     strategy.kwargs.setdefault("param_init_fn", lambda module: module.to_empty(device=device, recurse=False))
     return strategy.global_rank != 0 and strategy.kwargs["sync_module_states"]
-
-
-def build_on_meta(pretrained: str, dtype: str = "auto") -> nn.Module:
-    """The model's architecture without weights (FSDP fills it from rank 0)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from lit_prune.assets import resolve_pretrained
-
-    config = AutoConfig.from_pretrained(resolve_pretrained(pretrained))
-    torch_dtype = config.dtype if dtype == "auto" else getattr(torch, dtype)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
 
 
 def average_gradients_(parameters: list[Tensor]) -> None:

@@ -30,7 +30,7 @@ from lit_prune.components.layers import LAYER_PATHS, decoder_layers, unwrap
 from lit_prune.components.losses import kl_loss, next_token_ce
 from lit_prune.components.mask_io import MaskArtifact, MaskError, load_mask, save_mask
 from lit_prune.components.surgery import drop_layers, endpoint_layers, prepare_output_dir, save_atomically
-from lit_prune.stages.base import Dtype, PruneStage, load_causal_lm, load_config
+from lit_prune.stages.base import Dtype, PruneStage, load_causal_lm, load_config, meta_model
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # LoraConfig fields the stage sets itself; `lora_options` may not repeat them.
@@ -64,14 +64,6 @@ def check_target_modules(
             f"`{key}` entries {unmatched} match no module in {where}. Modules there: {names}. Use names from that "
             "list (the last part is enough, e.g. q_proj)."
         )
-
-
-def meta_model(config) -> nn.Module:
-    """The model's module structure without weights (device ``meta``): names and shapes for early checks."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
 
 
 def check_lora_options(options: dict[str, Any] | None, key: str = "model.init_args.lora_options") -> dict[str, Any]:

@@ -25,8 +25,13 @@ from lit_prune.components.gating import LayerGating
 from lit_prune.components.losses import Direction, kl_loss, next_token_ce
 from lit_prune.components.mask_io import MaskArtifact
 from lit_prune.metrics import TokenPerplexity
-from lit_prune.stages.base import Dtype, PruneStage, save_gated_as_pruned, strip_frozen_model
-from lit_prune.stages.distributed import average_across_ranks, broadcast_from_rank0_, fsdp_strategy
+from lit_prune.stages.base import Dtype, PruneStage, meta_model, save_gated_as_pruned, strip_frozen_model
+from lit_prune.stages.distributed import (
+    average_across_ranks,
+    broadcast_from_rank0_,
+    checkpoints_activations,
+    fsdp_strategy,
+)
 
 METHOD_NAMES = {ConcaveGate: "clp", GumbelTopKGate: "e3"}
 
@@ -132,6 +137,7 @@ class MaskSearch(PruneStage):
         self.importance_scale = importance_scale
         self.method = method or METHOD_NAMES.get(type(self.gate), type(self.gate).__name__.lower())
         self.register_buffer("importance_done", torch.tensor(False))
+        self._importance_pending = False  # set in on_train_start
         self.gating: LayerGating | None = None
         self.val_dense_ppl = TokenPerplexity()
         # Frozen weights are reloaded from `pretrained`; checkpoints keep only what trains.
@@ -200,7 +206,7 @@ class MaskSearch(PruneStage):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         strategy = fsdp_strategy(self._trainer)
-        if self.compile_blocks and strategy is not None and getattr(strategy, "_activation_checkpointing_kwargs", None):
+        if self.compile_blocks and strategy is not None and checkpoints_activations(strategy):
             raise ValueError(
                 "`model.init_args.compile_blocks: true` cannot be combined with the FSDP strategy's "
                 "`activation_checkpointing_policy` (torch CheckpointError on recomputation). Drop one of the two."
@@ -217,7 +223,6 @@ class MaskSearch(PruneStage):
     def _check_compilable(self) -> None:
         """Before any weight loads: the architecture must have norm/MLP submodules to compile."""
         from lit_prune.components.compile import POINTWISE_SUFFIXES, pointwise_blocks
-        from lit_prune.stages.endpoint_lora import meta_model
 
         if not pointwise_blocks(meta_model(self.config)):
             raise ValueError(
@@ -235,6 +240,8 @@ class MaskSearch(PruneStage):
 
     def on_train_start(self) -> None:
         broadcast_from_rank0_(list(self.gate.parameters()))  # one gate on every rank, whatever each rank initialised
+        # Read once, after any checkpoint restore: a tensor test in every training step would sync with the GPU.
+        self._importance_pending = self.importance_init == "kl" and not bool(self.importance_done)
 
     def _init_from_kl_importance(self) -> None:
         from lit_prune.components.scorers import kl_importance
@@ -264,9 +271,10 @@ class MaskSearch(PruneStage):
         return self.model(input_ids=input_ids, use_cache=False).logits
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        if self.importance_init == "kl" and not bool(self.importance_done):
+        if self._importance_pending:
             # Here, not in on_train_start: under FSDP the weights are gathered only inside the wrapped forward.
             self._init_from_kl_importance()
+            self._importance_pending = False
         input_ids, labels = batch["input_ids"], batch["labels"]
         # Gate first: ConcaveGate's projection reads its few values on the host, and a sync here, before any
         # forward is queued, costs nothing, while one between the two forwards would idle the GPU.
