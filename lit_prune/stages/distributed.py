@@ -137,15 +137,18 @@ def prepare_fsdp_loading(trainer: Any, replicated: list[nn.Module]) -> bool:
     return strategy.global_rank != 0 and strategy.kwargs["sync_module_states"]
 
 
+def _mean_over_ranks_(tensor: Tensor) -> Tensor:
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)  # gloo has no AVG
+    return tensor.div_(torch.distributed.get_world_size())
+
+
 def average_gradients_(parameters: list[Tensor]) -> None:
     """All-reduce and average gradients of parameters that no strategy wrapper reduces (FSDP-ignored ones)."""
     if not is_distributed():
         return
-    world = torch.distributed.get_world_size()
     for param in parameters:
         if param.grad is not None:
-            torch.distributed.all_reduce(param.grad, op=torch.distributed.ReduceOp.SUM)
-            param.grad.div_(world)
+            _mean_over_ranks_(param.grad)
 
 
 def broadcast_from_rank0_(parameters: list[Tensor]) -> None:
@@ -158,11 +161,7 @@ def broadcast_from_rank0_(parameters: list[Tensor]) -> None:
 
 def average_across_ranks(values: Tensor) -> Tensor:
     """Mean of a tensor over all ranks (the tensor itself when not distributed)."""
-    if not is_distributed():
-        return values
-    values = values.clone()
-    torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM)
-    return values / torch.distributed.get_world_size()
+    return _mean_over_ranks_(values.clone()) if is_distributed() else values
 
 
 def full_state_dict_on_rank0(trainer: Any) -> dict[str, Tensor] | None:
