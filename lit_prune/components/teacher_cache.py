@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lit_prune.components.distill import topk_teacher
+from lit_prune.components.kd import topk_teacher
 from lit_prune.components.surgery import save_atomically
 
 FORMAT = "lit_prune.topk_teacher_cache"

@@ -6,7 +6,7 @@ One training step on a batch ``x``::
     student = pruned(x)                     trainable: all weights | LoRA (all kept layers or endpoints) | endpoints
     loss = (1 - ce_weight) * entropy_aware_kd(student, teacher) + ce_weight * CE(student, x)
 
-The KD term weights every token's KL by the teacher's entropy there (``lit_prune.components.distill``). With
+The KD term weights every token's KL by the teacher's entropy there (``lit_prune.components.kd``). With
 ``teacher_cache`` no teacher is loaded at all: build the cache once with ``python -m lit_prune cache-teacher`` on the
 same data settings. Memory with an online teacher: the dense teacher (frozen, same dtype) plus the student.
 """
@@ -20,7 +20,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 
 from lit_prune.assets import canonical_model_id
-from lit_prune.components.distill import Teacher, Weighting, check_choice, entropy_aware_kd_terms, topk_teacher
+from lit_prune.components.kd import Teacher, Weighting, check_choice, entropy_aware_kd_terms, topk_teacher
 from lit_prune.components.layers import decoder_layers
 from lit_prune.components.losses import Direction, next_token_ce
 from lit_prune.components.teacher_cache import TeacherCacheError, TopKCache

@@ -25,7 +25,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
 from lit_prune.assets import canonical_model_id, resolve_pretrained
-from lit_prune.components.distill import check_choice
+from lit_prune.components.kd import check_choice
 from lit_prune.components.layers import LAYER_PATHS, decoder_layers, unwrap
 from lit_prune.components.losses import kl_loss, next_token_ce
 from lit_prune.components.mask_io import MaskArtifact, MaskError, load_mask, save_mask

@@ -1,10 +1,10 @@
-"""Entropy-aware KD (lit_prune.components.distill) against references written with torch.nn.functional."""
+"""Entropy-aware KD (lit_prune.components.kd) against references written with torch.nn.functional."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lit_prune.components.distill import (
+from lit_prune.components.kd import (
     entropy_aware_kd,
     entropy_aware_kd_terms,
     entropy_weights,

@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny import VOCAB, tiny_model
 
-from lit_prune.components.distill import topk_teacher
+from lit_prune.components.kd import topk_teacher
 from lit_prune.components.teacher_cache import TeacherCacheError, TopKCache, block_hash, write_topk_cache
 from lit_prune.teacher_cache_cli import cache_teacher_main
 
