@@ -241,6 +241,13 @@ class ConcaveGate(LayerGate):
             mask[start:end] = False
         return mask
 
+    @torch.no_grad()
+    def set_starts_(self, starts: Sequence[int]) -> ConcaveGate:
+        """Place the segments at integer ``starts`` (e.g. a window scan's optimum, or a refined mask)."""
+        offsets = [int(o) for o in self._offsets.tolist()]
+        self.starts.copy_(torch.tensor(self._check_init_starts(starts, offsets), dtype=self.starts.dtype))
+        return self
+
     def forward(self) -> Tensor:
         """Gate values ``[num_layers]``: soft notch in train mode, hard notch (straight-through) in eval mode."""
         soft = self._soft()
@@ -417,6 +424,27 @@ class GumbelTopKGate(LayerGate):
         """Soft top-k of ``logits / temperature`` at the current ``k`` (no noise), detached, ``[num_layers]``."""
         z = self.logits.detach()[self._free] / self.temperature
         return self._with_protected(relaxed_topk(z, self._num_free() - self.k))
+
+    @torch.no_grad()
+    def set_drop_(self, drop: Sequence[int], margin: float = 1e-3) -> GumbelTopKGate:
+        """Move the fewest logits so that ``hard_mask`` drops exactly ``drop`` (e.g. a refined mask).
+
+        Dropped layers whose logit is not already below every kept logit are lowered to just below the smallest kept
+        one, so the ranking among the other layers, and the learned logits of agreeing layers, stay as they were.
+        """
+        drop = sorted(int(i) for i in drop)
+        free = range(self.protect_first, self.num_layers - self.protect_last)
+        if len(drop) != self.num_drop or not set(drop) <= set(free):
+            raise ValueError(
+                f"`drop` must list num_drop={self.num_drop} distinct unprotected layers in [{free.start}, "
+                f"{free.stop}), got {drop}."
+            )
+        kept = [i for i in free if i not in drop]
+        floor = self.logits[kept].min() if kept else self.logits.new_tensor(0.0)
+        for layer in drop:
+            if self.logits[layer] >= floor:
+                self.logits[layer] = floor - margin * (1 + abs(float(floor)))
+        return self
 
     def scores(self) -> list[float]:
         """The keep-logits as a list (higher = more important)."""

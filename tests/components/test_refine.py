@@ -112,3 +112,21 @@ def test_mask_kl_objective_is_the_scorers_kl_and_window_search_matches_the_scan(
     seeded, seeded_value, rounds = shift_search(objective, starts=[scan.drop[0]], widths=[2], low=1, high=5)
     assert seeded == [scan.drop[0]] and rounds == 0
     assert seeded_value == pytest.approx(scan.details["best_kl"]) and seeded_value <= value
+
+
+def test_gates_take_a_refined_mask():
+    from lit_prune.components.gates import ConcaveGate, GumbelTopKGate
+
+    clp = ConcaveGate(12, 3, protect_first=1, protect_last=1).set_starts_([6])
+    assert clp.drop_indices() == [6, 7, 8]
+    with pytest.raises(ValueError, match="do not fit"):
+        clp.set_starts_([10])
+    e3 = GumbelTopKGate(8, 2, init_logits=[0.0, 1.0, 2.0, -1.0, 3.0, 4.0, 5.0, 6.0], protect_first=1)
+    before = e3.logits.detach().clone()
+    e3.set_drop_([2, 3])
+    assert e3.drop_indices() == [2, 3]
+    # Layer 3 already ranked lowest: only layer 2's logit moved.
+    changed = (e3.logits.detach() != before).nonzero().flatten().tolist()
+    assert changed == [2]
+    with pytest.raises(ValueError, match="unprotected"):
+        e3.set_drop_([0, 3])
