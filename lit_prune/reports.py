@@ -177,6 +177,105 @@ def _layer_ticks(ax: Any, num_layers: int, dropped: Sequence[int]) -> None:
             label.set_fontweight("bold")
 
 
+def gate_heatmap_figure(
+    steps: Sequence[int],
+    values: Sequence[Sequence[float]],
+    dropped: Sequence[int] | None = None,
+    budget: Sequence[float] | None = None,
+    title: str = "",
+    size: tuple[float, float] | None = None,
+    drop_label: str = "drop",
+) -> Figure:
+    """Gate values over training as a labelled heat map: layers down (layer 0 on top), steps across, a colour bar.
+
+    Layers in ``dropped`` get a red cell in a strip at the right and red row labels. ``budget`` (E3's annealed
+    ``k``, the number of layers the sampler drops at each logged step) is drawn as a step line in a panel below::
+
+        layer 00  ##########  | .      <- gate value colour, strip: red = dropped
+        layer 01  ######....  | X
+        k         _____/‾‾‾‾             <- only with ``budget``
+                  steps ->
+
+    Args:
+        steps: Logged global steps, increasing.
+        values: ``values[layer][i]`` is the gate value (1 = open) at ``steps[i]``; ``nan`` is drawn blank.
+        dropped: Layers to mark as dropped; None draws no strip.
+        budget: One value per logged step for the ``k`` panel; None draws no panel.
+        title: Figure title.
+        size: ``(width, height)`` in inches at 100 dpi; default grows with the number of steps and layers.
+        drop_label: Title of the strip.
+
+    Returns:
+        A ``matplotlib.figure.Figure`` (no pyplot; save it or render it with :func:`figure_rgb`).
+    """
+    import numpy as np
+
+    num_layers = len(values)
+    if not steps or num_layers == 0:
+        raise ReportError(f"A gate heat map needs at least one step and one layer, got {len(steps)} x {num_layers}.")
+    if any(len(row) != len(steps) for row in values):
+        raise ReportError(f"Every layer needs one gate value per step ({len(steps)}).")
+    if budget is not None and len(budget) != len(steps):
+        raise ReportError(f"`budget` has {len(budget)} values for {len(steps)} steps.")
+    bad = sorted(i for i in dropped or () if not 0 <= i < num_layers)
+    if bad:
+        raise ReportError(f"Dropped layers {bad} are outside [0, {num_layers}).")
+    if size is None:
+        size = (min(14.0, 5.0 + 0.08 * len(steps)), min(16.0, 1.6 + 0.2 * num_layers + (1.2 if budget else 0.0)))
+    fig = _new_figure(*size)
+    rows = 2 if budget is not None else 1
+    heights = [max(3.0, 0.2 * num_layers), 1.0][:rows]
+    grid = fig.add_gridspec(rows, 2, width_ratios=[40, 1], height_ratios=heights)
+    ax = fig.add_subplot(grid[0, 0])
+    # Cell edges half-way between logged steps: irregular logging (every n steps + the last step) keeps its spacing.
+    x = np.asarray(steps, dtype=float)
+    mids = (x[1:] + x[:-1]) / 2 if len(x) > 1 else np.empty(0)
+    half = (x[1] - x[0]) / 2 if len(x) > 1 else 0.5
+    last_half = (x[-1] - x[-2]) / 2 if len(x) > 1 else 0.5
+    x_edges = np.concatenate([[x[0] - half], mids, [x[-1] + last_half]])
+    y_edges = np.arange(num_layers + 1) - 0.5
+    grid_values = np.ma.masked_invalid(np.asarray(values, dtype=float))
+    mesh = ax.pcolormesh(x_edges, y_edges, grid_values, cmap="viridis", vmin=0.0, vmax=1.0, shading="flat")
+    ax.set_ylim(num_layers - 0.5, -0.5)
+    ax.set_xlim(x_edges[0], x_edges[-1])
+    ax.set_ylabel("layer")
+    _layer_ticks(ax, num_layers, dropped or [])
+    ax.set_title(title, fontsize=8)
+
+    strip = fig.add_subplot(grid[0, 1], sharey=ax)
+    if dropped is not None:
+        from matplotlib.colors import to_rgb
+
+        colors = np.array([to_rgb(DROPPED_COLOR if i in dropped else STRIP_KEPT_COLOR) for i in range(num_layers)])
+        strip.imshow(colors[:, None, :], aspect="auto", extent=(0, 1, num_layers - 0.5, -0.5))
+        strip.set_title(drop_label, fontsize=7)
+    strip.set_xticks([])
+    strip.tick_params(labelleft=False, left=False)
+    fig.colorbar(mesh, ax=[ax, strip], label="gate value (1 = open)", shrink=0.8)
+
+    if budget is None:
+        ax.set_xlabel("step")
+        return fig
+    ax.tick_params(labelbottom=False)
+    panel = fig.add_subplot(grid[1, 0], sharex=ax)
+    panel.step(x, np.asarray(budget, dtype=float), where="post", color=KEPT_COLOR)
+    panel.set_ylabel("k", rotation=0, labelpad=10)
+    panel.set_ylim(bottom=0)
+    panel.set_xlabel("step (k = layers the sampler drops)", fontsize=8)
+    panel.grid(alpha=0.3)
+    return fig
+
+
+def figure_rgb(fig: Figure) -> Any:
+    """Render a figure with the Agg backend (no GUI, no pyplot) to a ``uint8`` array ``[height, width, 3]``."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
 def gate_trajectory_png(
     run_dir: str | Path,
     out_png: str | Path,
@@ -185,7 +284,8 @@ def gate_trajectory_png(
 ) -> Path:
     """Heat map of the per-layer gate values of a mask search over training steps (rows = layers, layer 0 on top).
 
-    A strip on the right marks the layers the final mask drops (red), and their row labels are red too::
+    A strip on the right marks the layers the final mask drops (red), and their row labels are red too. When the run
+    logged E3's layer budget (``schedule/k``, from ``TopKAnnealing``), a panel below shows it over the steps::
 
         layer 00  ##########  |  .
         layer 01  ######....  |  X    <- dropped by mask.json
@@ -203,10 +303,9 @@ def gate_trajectory_png(
     Raises:
         ReportError: No event files, no gate scalars, or a mask for a different layer count.
     """
-    import numpy as np
-
     run_dir = Path(run_dir)
-    steps, values = gate_history(read_scalars(run_dir), scope)
+    scalars = read_scalars(run_dir)
+    steps, values = gate_history(scalars, scope)
     num_layers = len(values)
     if mask is None and (run_dir / "mask.json").is_file():
         mask = run_dir / "mask.json"
@@ -216,42 +315,30 @@ def gate_trajectory_png(
             f"The mask has {artifact.num_layers} layers ({artifact.model}) but the run logged gates for {num_layers}: "
             "it belongs to another model or run."
         )
-    dropped = artifact.drop if artifact is not None else []
-
-    fig = _new_figure(width=min(14.0, 5.0 + 0.08 * len(steps)), height=min(16.0, 1.6 + 0.2 * num_layers))
-    grid = fig.add_gridspec(1, 2, width_ratios=[40, 1])
-    ax = fig.add_subplot(grid[0, 0])
-    # Cell edges half-way between logged steps: irregular logging (every n steps + the last step) keeps its spacing.
-    x = np.asarray(steps, dtype=float)
-    mids = (x[1:] + x[:-1]) / 2 if len(x) > 1 else np.empty(0)
-    half = (x[1] - x[0]) / 2 if len(x) > 1 else 0.5
-    last_half = (x[-1] - x[-2]) / 2 if len(x) > 1 else 0.5
-    x_edges = np.concatenate([[x[0] - half], mids, [x[-1] + last_half]])
-    y_edges = np.arange(num_layers + 1) - 0.5
-    mesh = ax.pcolormesh(
-        x_edges, y_edges, np.ma.masked_invalid(np.asarray(values)), cmap="viridis", vmin=0.0, vmax=1.0, shading="flat"
-    )
-    ax.set_ylim(num_layers - 0.5, -0.5)
-    ax.set_xlabel("step")
-    ax.set_ylabel("layer")
-    _layer_ticks(ax, num_layers, dropped)
     title = f"{scope} gates over training: {run_dir.name}"
     if artifact is not None:
         segments = ", ".join(f"[{a}, {b})" for a, b in artifact.segments) or "none"
-        title += f"\nmask: {artifact.method} drops {len(dropped)}/{num_layers}, segments {segments}"
-    ax.set_title(title if artifact is not None else f"{title} (no mask.json)", fontsize=8)
-
-    strip = fig.add_subplot(grid[0, 1], sharey=ax)
-    if artifact is not None:
-        from matplotlib.colors import to_rgb
-
-        colors = np.array([to_rgb(DROPPED_COLOR if i in dropped else STRIP_KEPT_COLOR) for i in range(num_layers)])
-        strip.imshow(colors[:, None, :], aspect="auto", extent=(0, 1, num_layers - 0.5, -0.5))
-        strip.set_title("drop", fontsize=7)
-    strip.set_xticks([])
-    strip.tick_params(labelleft=False, left=False)
-    fig.colorbar(mesh, ax=[ax, strip], label="gate value (1 = open)", shrink=0.8)
+        title += f"\nmask: {artifact.method} drops {len(artifact.drop)}/{num_layers}, segments {segments}"
+    else:
+        title += " (no mask.json)"
+    fig = gate_heatmap_figure(
+        steps, values, artifact.drop if artifact is not None else None, _budget_at(scalars.get("schedule/k"), steps),
+        title=title,
+    )
     return _save(fig, out_png)
+
+
+def _budget_at(points: Sequence[tuple[int, float]] | None, steps: Sequence[int]) -> list[float] | None:
+    """The last logged budget at or before each step (None when the run logged none)."""
+    if not points:
+        return None
+    out, i, current = [], 0, math.nan
+    for step in steps:
+        while i < len(points) and points[i][0] <= step:
+            current = points[i][1]
+            i += 1
+        out.append(current)
+    return out
 
 
 def importance_png(masks: Mapping[str, str | Path | MaskArtifact], out_png: str | Path) -> Path:

@@ -1,11 +1,14 @@
-"""Watch a layer mask while it is being learned: per-layer gate scalars, and a heat map in TensorBoard.
+"""Watch a layer mask while it is being learned: per-layer gate scalars, and a labelled heat map in TensorBoard.
 
-The heat map has one row per layer (layer 0 at the top) and one column per logged step, dark for a closed gate and
-bright for an open one. A strip at the right edge marks the layers the hard mask would drop now::
+The heat map is a matplotlib figure (drawn with the Agg backend, no GUI, only every ``every_n_steps`` steps on rank 0):
+one row per layer (layer 0 at the top), one column per logged step, a colour bar for the gate value, a strip at the
+right that marks the layers the hard mask drops now, the dropped segments in the title and, for modules with an
+annealed budget ``k`` (E3's Gumbel-TopK), the budget over the steps in a panel below::
 
-    layer 00  ##########  |  .
-    layer 01  ######....  |  X    <- dropped now
-    layer 02  ##########  |  .
+    step 40: drop 8/30 layers, segments [12, 20)
+    layer 00  ##########  | .
+    layer 12  ######....  | X    <- dropped now (red strip, red label)      colour bar: gate value
+    k         ___/‾‾‾‾‾‾
               steps ->
 """
 
@@ -23,49 +26,51 @@ from typing_extensions import override
 
 from lit_prune.components.surgery import contiguous_segments
 
-# Two-colour map: closed gate (0) is dark blue, open gate (1) is yellow; dropped layers are marked red.
-_LOW = (0.05, 0.05, 0.35)
-_HIGH = (1.0, 0.85, 0.1)
-_DROPPED = (0.9, 0.1, 0.1)
-_KEPT = (0.8, 0.8, 0.8)
-_GAP = (1.0, 1.0, 1.0)
+IMAGE_WIDTH_IN = 8.0  # figure inches at 100 dpi: 800 pixels wide, whatever the number of steps
 
 
-def gate_heatmap(history: Tensor, dropped: Sequence[int], cell: int = 8, max_width: int = 1024) -> Tensor:
-    """Render gate values over time as an RGB image, with the currently dropped layers marked at the right edge.
+def heatmap_size(num_layers: int, with_budget: bool) -> tuple[float, float]:
+    """Figure size in inches (100 dpi) of the TensorBoard heat map: fixed width, height growing with the layers."""
+    return IMAGE_WIDTH_IN, min(14.0, 2.0 + 0.16 * num_layers) + (1.4 if with_budget else 0.0)
+
+
+def gate_heatmap(
+    history: Tensor,
+    steps: Sequence[int],
+    dropped: Sequence[int],
+    budget: Sequence[float] | None = None,
+    title: str = "",
+) -> Any:
+    """Render gate values over time as a labelled RGB image (layers x steps, colour bar, dropped layers in red).
 
     Args:
-        history: Gate values, ``[steps, layers]``, expected in [0, 1] (clamped; nan renders as closed).
-        dropped: Layers the hard mask drops now; marked red in the right-edge strip.
-        cell: Pixel height of a layer row and the maximum pixel width of a step column.
-        max_width: Columns get narrower (down to 1 pixel) to keep the step area within this width.
+        history: Gate values, ``[steps, layers]``, expected in [0, 1] (nan renders blank).
+        steps: Global step of each history row.
+        dropped: Layers the hard mask drops now; marked red in the strip at the right and in the row labels.
+        budget: The module's budget ``k`` at each history row (E3), drawn in a panel below; None for no panel.
+        title: Figure title.
 
     Returns:
-        A float image ``[3, layers * cell, width]`` in [0, 1], ready for ``SummaryWriter.add_image``.
+        A ``uint8`` array ``[height, width, 3]`` for ``SummaryWriter.add_image(..., dataformats="HWC")``; its size
+        is :func:`heatmap_size` at 100 dpi.
     """
+    from lit_prune.reports import figure_rgb, gate_heatmap_figure
+
     if history.dim() != 2:
         raise ValueError(f"`history` must be [steps, layers], got shape {tuple(history.shape)}.")
-    if cell < 1:
-        raise ValueError(f"`cell` must be >= 1, got {cell}.")
-    num_steps, num_layers = history.shape
-    bad = [i for i in dropped if not 0 <= i < num_layers]
-    if bad:
-        raise ValueError(f"`dropped` has layer indices outside [0, {num_layers}): {bad}.")
+    if history.shape[0] != len(steps):
+        raise ValueError(f"`history` has {history.shape[0]} rows for {len(steps)} steps.")
+    values = history.detach().float().cpu().T.tolist()  # [layers][steps]
+    size = heatmap_size(history.shape[1], budget is not None)
+    fig = gate_heatmap_figure(steps, values, dropped, budget, title=title, size=size, drop_label="now")
+    return figure_rgb(fig)
 
-    def colour(rgb: tuple[float, float, float]) -> Tensor:
-        return torch.tensor(rgb, dtype=torch.float32).view(3, 1, 1)
 
-    values = torch.nan_to_num(history.detach().float().cpu(), nan=0.0).clamp(0.0, 1.0).T  # [layers, steps]
-    grid = colour(_LOW) * (1.0 - values) + colour(_HIGH) * values  # [3, layers, steps]
-    col_w = max(1, min(cell, max_width // max(num_steps, 1)))
-    grid = grid.repeat_interleave(cell, dim=1).repeat_interleave(col_w, dim=2)
-
-    is_dropped = torch.zeros(num_layers, dtype=torch.bool)
-    is_dropped[list(dropped)] = True
-    strip = torch.where(is_dropped.view(1, -1, 1), colour(_DROPPED), colour(_KEPT))  # [3, layers, 1]
-    strip = strip.repeat_interleave(cell, dim=1).expand(3, num_layers * cell, cell)
-    gap = colour(_GAP).expand(3, num_layers * cell, max(1, cell // 4))
-    return torch.cat([grid, gap, strip], dim=2).contiguous()
+def heatmap_title(step: int, drop: Sequence[int], num_layers: int, budget: float | None = None) -> str:
+    """``step 40: drop 8/30 layers, segments [12, 20)`` (+ ``, k = 8`` when the module has a budget)."""
+    segments = ", ".join(f"[{a}, {b})" for a, b in contiguous_segments(drop)) or "none"
+    text = f"step {step}: drop {len(drop)}/{num_layers} layers, segments {segments}"
+    return text if budget is None else f"{text}, k = {budget:g}"
 
 
 class MaskMonitor(L.Callback):
@@ -73,12 +78,13 @@ class MaskMonitor(L.Callback):
 
     Every ``every_n_steps`` optimizer steps (and at the start and end of training) it logs
     ``<scope>/gate/layer_XX`` and ``<scope>/num_dropped`` to every logger, and keeps the values in a history that is
-    saved with the checkpoint. With a ``TensorBoardLogger`` it also writes, on rank 0, a heat map of the history
-    (``<scope>/heatmap``), a histogram of the gate values (``<scope>/gate_values``) and the drop list with its
-    ``[start, end)`` segments (``<scope>/segments``).
+    saved with the checkpoint. With a ``TensorBoardLogger`` it also writes, on rank 0, a labelled heat map of the
+    history (``<scope>/heatmap``, see the module docstring), a histogram of the gate values (``<scope>/gate_values``)
+    and the drop list with its ``[start, end)`` segments (``<scope>/segments``).
 
     The module must provide ``layer_gate_values() -> Tensor`` (1-D, one value in [0, 1] per layer, a deterministic
-    view) and ``current_drop() -> list[int]`` (the layers the hard mask would drop now).
+    view) and ``current_drop() -> list[int]`` (the layers the hard mask would drop now). A module with an integer
+    budget ``k`` (``TopKBudget``, driven by ``TopKAnnealing``) also gets ``k`` drawn under the heat map.
 
     Args:
         every_n_steps: Log every this many optimizer steps.
@@ -99,6 +105,7 @@ class MaskMonitor(L.Callback):
         self._steps: list[int] = []
         self._gates: list[list[float]] = []
         self._drops: list[list[int]] = []
+        self._budgets: list[float | None] = []
         self._warned_no_tensorboard = False
         self._fit_last_step: int | None = None
 
@@ -173,10 +180,12 @@ class MaskMonitor(L.Callback):
             )
         # Re-recording a step (a resume, or a new fit from step 0) replaces that part of the picture.
         while self._steps and self._steps[-1] >= step:
-            del self._steps[-1], self._gates[-1], self._drops[-1]
+            del self._steps[-1], self._gates[-1], self._drops[-1], self._budgets[-1]
+        budget = getattr(pl_module, "k", None)
         self._steps.append(step)
         self._gates.append(gates.tolist())
         self._drops.append(drop)
+        self._budgets.append(float(budget) if isinstance(budget, int | float) else None)
 
         metrics = {f"{self.scope}/gate/layer_{i:02d}": float(v) for i, v in enumerate(gates)}
         metrics[f"{self.scope}/num_dropped"] = float(len(drop))
@@ -190,7 +199,10 @@ class MaskMonitor(L.Callback):
         if logger is None:
             return
         writer = logger.experiment
-        writer.add_image(f"{self.scope}/heatmap", gate_heatmap(self.history, drop), step, dataformats="CHW")
+        budgets = None if any(b is None for b in self._budgets) else self._budgets
+        title = heatmap_title(step, drop, gates.numel(), budgets[-1] if budgets else None)
+        image = gate_heatmap(self.history, self._steps, drop, budgets, title)
+        writer.add_image(f"{self.scope}/heatmap", image, step, dataformats="HWC")
         writer.add_histogram(f"{self.scope}/gate_values", gates, step)
         segments = [list(seg) for seg in contiguous_segments(drop)]  # printed as in mask.json
         writer.add_text(
@@ -205,6 +217,7 @@ class MaskMonitor(L.Callback):
             "steps": list(self._steps),
             "gates": [list(g) for g in self._gates],
             "drops": [list(d) for d in self._drops],
+            "budgets": list(self._budgets),
         }
 
     @override
@@ -212,6 +225,8 @@ class MaskMonitor(L.Callback):
         self._steps = list(state_dict["steps"])
         self._gates = [list(g) for g in state_dict["gates"]]
         self._drops = [list(d) for d in state_dict["drops"]]
+        # Checkpoints written before budgets were recorded have none.
+        self._budgets = list(state_dict.get("budgets", [None] * len(self._steps)))
 
 
 def _tensorboard(trainer: L.Trainer) -> TensorBoardLogger | None:

@@ -7,7 +7,7 @@ from lightning.pytorch.loggers import CSVLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lit_prune.callbacks import MaskMonitor
-from lit_prune.callbacks.mask_monitor import gate_heatmap
+from lit_prune.callbacks.mask_monitor import gate_heatmap, heatmap_size, heatmap_title
 
 LAYER_TAGS = {f"mask/gate/layer_{i:02d}" for i in range(6)}
 
@@ -41,7 +41,8 @@ def test_tensorboard_gets_scalars_image_histogram_and_text(make_stub, make_train
 
     image = events.Images("mask/heatmap")[-1]
     assert image.step == 5
-    assert (image.height, image.width) == (6 * 8, 4 * 8 + 2 + 8)  # 6 layers x (4 logged steps, gap, drop strip)
+    width, height = heatmap_size(6, with_budget=True)  # the stub has a budget `k`: a panel under the heat map
+    assert (image.width, image.height) == (round(width * 100), round(height * 100))
 
     texts = [e.tensor_proto.string_val[0].decode() for e in events.Tensors("mask/segments/text_summary")]
     assert len(texts) == 4
@@ -115,29 +116,37 @@ def test_init_validation(kwargs, match):
         MaskMonitor(**kwargs)
 
 
-def test_gate_heatmap_colours_and_strip():
+RED = (0xD6, 0x27, 0x28)  # lit_prune.reports.DROPPED_COLOR
+
+
+def _red_pixels(image) -> int:
+    return int((abs(image.astype(int) - RED).max(axis=-1) < 10).sum())
+
+
+def test_gate_heatmap_is_a_labelled_figure_with_the_drop_marked():
     history = torch.tensor([[0.0, 1.0, 0.5], [0.0, 1.0, float("nan")]])  # 2 steps x 3 layers
-    image = gate_heatmap(history, dropped=[0], cell=4)
-    assert image.shape == (3, 3 * 4, 2 * 4 + 1 + 4)
-    assert image.dtype == torch.float32
-    assert 0.0 <= image.min() and image.max() <= 1.0
+    marked = gate_heatmap(history, [0, 10], dropped=[0], title=heatmap_title(10, [0], 3))
+    unmarked = gate_heatmap(history, [0, 10], dropped=[])
+    with_budget = gate_heatmap(history, [0, 10], dropped=[0], budget=[0.0, 1.0])
 
-    def pixel(layer, col):
-        return image[:, layer * 4 + 1, col]
-
-    closed, opened = pixel(0, 0), pixel(1, 0)
-    assert opened.sum() > closed.sum()  # open gates are brighter
-    torch.testing.assert_close(pixel(2, 0), (closed + opened) / 2)  # linear two-colour map
-    torch.testing.assert_close(pixel(2, 5), closed)  # nan renders as closed
-    strip = image.shape[2] - 1
-    assert pixel(0, strip)[0] > 0.8 and pixel(0, strip)[1] < 0.2  # dropped layer 0 is red
-    assert not torch.equal(pixel(1, strip), pixel(0, strip))  # kept layers are not
+    width, height = heatmap_size(3, with_budget=False)
+    assert marked.shape == unmarked.shape == (round(height * 100), round(width * 100), 3)
+    assert marked.dtype.name == "uint8"
+    assert with_budget.shape[0] > marked.shape[0]  # the k panel adds height, not width
+    assert with_budget.shape[1] == marked.shape[1]
+    assert _red_pixels(marked) > 100  # strip cell and the red label of layer 00
+    assert _red_pixels(unmarked) == 0
 
 
-def test_gate_heatmap_narrows_columns_and_validates():
-    assert gate_heatmap(torch.rand(100, 2), dropped=[], cell=8, max_width=300).shape == (3, 16, 300 + 2 + 8)
-    assert gate_heatmap(torch.rand(0, 2), dropped=[1], cell=8).shape == (3, 16, 2 + 8)
+def test_heatmap_title_names_the_segments():
+    assert heatmap_title(40, [12, 13, 14, 20], 30) == "step 40: drop 4/30 layers, segments [12, 15), [20, 21)"
+    assert heatmap_title(0, [], 30, budget=0) == "step 0: drop 0/30 layers, segments none, k = 0"
+
+
+def test_gate_heatmap_validates():
     with pytest.raises(ValueError, match="outside"):
-        gate_heatmap(torch.rand(3, 4), dropped=[4])
+        gate_heatmap(torch.rand(3, 4), [0, 1, 2], dropped=[4])
     with pytest.raises(ValueError, match="steps, layers"):
-        gate_heatmap(torch.rand(4), dropped=[])
+        gate_heatmap(torch.rand(4), [0], dropped=[])
+    with pytest.raises(ValueError, match="3 rows for 2 steps"):
+        gate_heatmap(torch.rand(3, 4), [0, 1], dropped=[])
