@@ -25,6 +25,24 @@ TINY_CONFIGS: dict[str, dict] = {
     "gpt2": dict(n_embd=32, n_head=4, n_positions=64),
     "gpt_neox": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4),
     "opt": dict(hidden_size=32, ffn_dim=64, num_attention_heads=4, word_embed_proj_dim=32),
+    # Mixture of experts. DeepSeek-V3 (MLA attention): dense layers 0-1, then MoE. Qwen2-MoE: experts every 2nd
+    # layer, sliding attention on alternate layers (gpt-oss too). Qwen3-MoE: experts everywhere but mlp_only_layers.
+    "deepseek_v3": dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_attention_heads=4,
+                        num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4,
+                        v_head_dim=8, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2,
+                        topk_group=1, first_k_dense_replace=2),
+    "qwen2_moe": dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                      shared_expert_intermediate_size=32, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                      num_experts_per_tok=2, decoder_sparse_step=2, use_sliding_window=True, sliding_window=4,
+                      max_window_layers=6),
+    "qwen3_moe": dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2, mlp_only_layers=[0, 4]),
+    "mixtral": dict(hidden_size=32, intermediate_size=32, num_attention_heads=4, num_key_value_heads=2,
+                    num_local_experts=4, num_experts_per_tok=2),
+    "gpt_oss": dict(hidden_size=32, intermediate_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                    num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+                    rope_parameters={"rope_type": "yarn", "factor": 2.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                     "truncate": False, "original_max_position_embeddings": 32}),
 }
 TINY_NUM_LAYERS = 6
 

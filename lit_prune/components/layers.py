@@ -2,7 +2,8 @@
 
 Every architecture keeps its decoder blocks in one ``nn.ModuleList``; only its path differs::
 
-    LlamaForCausalLM            .model.layers          (also Mistral, Qwen2/3, Gemma 1/2/3, Phi3)
+    LlamaForCausalLM            .model.layers          (also Mistral, Qwen2/3, Gemma 1/2/3, Phi3, and the
+                                                        mixture-of-experts DeepSeek-V3, Qwen2/3-MoE, Mixtral, gpt-oss)
     GPT2LMHeadModel             .transformer.h
     GPTNeoXForCausalLM          .gpt_neox.layers
     OPTForCausalLM              .model.decoder.layers
@@ -28,6 +29,13 @@ LAYER_PATHS: dict[str, str] = {
     "gpt2": "transformer.h",
     "gpt_neox": "gpt_neox.layers",
     "opt": "model.decoder.layers",
+    # Mixture of experts: some or all layers hold routed experts. Which ones is decided by index from the config
+    # (first_k_dense_replace, decoder_sparse_step + mlp_only_layers); surgery.drop_layers rewrites those keys.
+    "deepseek_v3": "model.layers",
+    "qwen2_moe": "model.layers",
+    "qwen3_moe": "model.layers",
+    "mixtral": "model.layers",
+    "gpt_oss": "model.layers",
 }
 
 
@@ -105,3 +113,23 @@ def num_decoder_layers(model: nn.Module) -> int:
 def attention_layer_indices(layer: nn.Module) -> list[int]:
     """Return every ``layer_idx`` found inside one decoder layer (attention modules index the KV cache with it)."""
     return sorted({m.layer_idx for m in layer.modules() if isinstance(getattr(m, "layer_idx", None), int)})
+
+
+def is_sparse_layer(layer: nn.Module) -> bool:
+    """True when a decoder layer holds routed experts (a mixture-of-experts block) rather than one dense MLP."""
+    return any(name.rsplit(".", 1)[-1] == "experts" for name, _ in layer.named_modules())
+
+
+def sparse_layer_flags(model: nn.Module) -> list[bool]:
+    """Per decoder layer, whether it is a mixture-of-experts layer (read from the modules, not the config)."""
+    return [is_sparse_layer(layer) for layer in decoder_layers(model)]
+
+
+def router_outputs_off(config) -> None:
+    """Turn off router-logit outputs, and with them the auxiliary load-balancing loss, where a config has them.
+
+    Search and recovery freeze the routers and train against a KL or CE objective: the aux loss would add a term
+    the routers cannot act on, and recording every layer's router logits costs memory on every forward.
+    """
+    if getattr(config, "output_router_logits", None):
+        config.output_router_logits = False

@@ -6,6 +6,19 @@ Dropping layers touches three pieces of state that must stay consistent:
 2. every ``layer_idx`` inside the kept layers (the KV cache is indexed by it; stale indices point past the cache);
 3. the config: ``num_hidden_layers`` and every per-layer list (``layer_types`` decides sliding vs full attention
    and the cache layout), so that ``save_pretrained`` output rebuilds the same model.
+
+Mixture-of-experts configs also place dense and sparse (expert) layers by index, so a cut shifts what they mean::
+
+    DeepSeek-V3/R1   layer i is MoE  iff  i >= first_k_dense_replace           (a dense prefix)
+    Qwen2/3-MoE      layer i is MoE  iff  i not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0
+
+    first_k_dense_replace=2, drop [1, 2]:  D D M M M M  ->  D M M M    first_k_dense_replace=1
+    decoder_sparse_step=2,   drop [1]:     D M D M D M  ->  D D M D M  decoder_sparse_step=1, mlp_only_layers=[0, 1, 3]
+                                           (the old rule, step 2, would rebuild D M D M D: the wrong layers get experts)
+
+The kept pattern is written back exactly and checked by re-applying transformers' rule to the new config.
+DeepSeek's multi-token-prediction (MTP) layers are not part of the transformers model and are not exported:
+``num_nextn_predict_layers`` becomes 0.
 """
 
 from __future__ import annotations
@@ -13,6 +26,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -71,6 +85,7 @@ def drop_layers(model: nn.Module, drop: Sequence[int]) -> nn.Module:
         )
     dropped = set(drop)
     keep = [i for i in range(num_layers) if i not in dropped]
+    sparse = moe_layer_pattern(config, num_layers)
     stack.replace(nn.ModuleList(stack.layers[i] for i in keep))
     for new_index, layer in enumerate(stack.layers):
         for module in layer.modules():
@@ -81,7 +96,65 @@ def drop_layers(model: nn.Module, drop: Sequence[int]) -> nn.Module:
         if isinstance(values, (list, tuple)) and len(values) == num_layers:
             setattr(config, key, [values[i] for i in keep])
     config.num_hidden_layers = len(keep)
+    if sparse is not None:
+        write_moe_layer_pattern(config, [sparse[i] for i in keep])
+    _drop_mtp_layers(config)
     return model
+
+
+def moe_layer_pattern(config, num_layers: int | None = None) -> list[bool] | None:
+    """Which layers ``config`` builds with routed experts, by transformers' index rule; None if no rule applies.
+
+    Only configs that mix dense and sparse layers by index have a rule (DeepSeek-V3, Qwen2/3-MoE). Mixtral and
+    gpt-oss put experts in every layer, dense models in none: nothing to rewrite after a cut.
+    """
+    n = int(config.num_hidden_layers if num_layers is None else num_layers)
+    if getattr(config, "first_k_dense_replace", None) is not None:
+        first_k = int(config.first_k_dense_replace)
+        return [i >= first_k for i in range(n)]
+    if getattr(config, "decoder_sparse_step", None) is not None:
+        step = int(config.decoder_sparse_step)
+        mlp_only = set(getattr(config, "mlp_only_layers", None) or [])
+        has_experts = int(getattr(config, "num_experts", 0) or 0) > 0
+        return [has_experts and i not in mlp_only and (i + 1) % step == 0 for i in range(n)]
+    return None
+
+
+def write_moe_layer_pattern(config, sparse: Sequence[bool]) -> None:
+    """Express the kept dense/sparse pattern exactly in ``config`` (``len(sparse)`` layers, True = experts)."""
+    sparse = [bool(s) for s in sparse]
+    if getattr(config, "first_k_dense_replace", None) is not None:
+        first_k = sparse.index(True) if True in sparse else len(sparse)
+        if any(not s for s in sparse[first_k:]):
+            raise ValueError(
+                f"config.first_k_dense_replace can only describe a dense prefix, but the kept layers are {sparse} "
+                "(True = experts). This cannot come from cutting a model whose dense layers form a prefix."
+            )
+        config.first_k_dense_replace = first_k
+    elif getattr(config, "decoder_sparse_step", None) is not None:
+        # A cut rarely keeps the period: step 1 makes every layer sparse except the ones listed.
+        config.decoder_sparse_step = 1
+        config.mlp_only_layers = [i for i, s in enumerate(sparse) if not s]
+    rebuilt = moe_layer_pattern(config, len(sparse))
+    if rebuilt != sparse:
+        raise RuntimeError(
+            f"The rewritten config would rebuild the dense/sparse layers as {rebuilt}, not the kept {sparse}. "
+            f"{type(config).__name__} places experts by a rule lit_prune does not know; please report it."
+        )
+
+
+def _drop_mtp_layers(config) -> None:
+    # DeepSeek checkpoints store MTP layers after the last decoder layer; transformers does not load them into the
+    # causal LM, and they were trained on the full stack's last hidden state, so a cut model ships without them.
+    mtp = getattr(config, "num_nextn_predict_layers", None)
+    if mtp:
+        warnings.warn(
+            f"config.num_nextn_predict_layers={mtp}: the multi-token-prediction layers are not part of the pruned "
+            "model (transformers does not load them, and they predict from the uncut model's last layer). The "
+            "pruned config says num_nextn_predict_layers=0 and the export holds no MTP weights.",
+            stacklevel=3,
+        )
+        config.num_nextn_predict_layers = 0
 
 
 def endpoint_layers(num_layers: int, drop: Sequence[int], width: int = 1) -> list[int]:
