@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
@@ -229,6 +229,200 @@ def angular_distance(a: Tensor, b: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Replaying the decoder stack: skip removed layers, reuse the hidden states of a shared prefix
+# ---------------------------------------------------------------------------------------------------------------------
+
+# Logits elements per chunk of the KL / cross-entropy: 2^26 floats = 256 MiB of float32 per temporary.
+_CHUNK_ELEMENTS = 1 << 26
+
+
+def _chunk_rows(vocab: int) -> int:
+    return max(1, _CHUNK_ELEMENTS // vocab)
+
+
+def _kl_sum(student: Tensor, teacher: Tensor, direction: Direction) -> Tensor:
+    """Sum over tokens of the token KL, a float64 scalar on the student's device.
+
+    Both sides are normalised with the very same op (float32 ``log_softmax``), so equal logits give exactly 0. The
+    work goes in chunks of tokens: no float32 copy of a whole ``[batch, seq, vocab]`` tensor, and a teacher held on
+    the CPU travels to the device one chunk at a time.
+    """
+    if teacher.shape != student.shape:
+        raise ValueError(
+            f"`teacher_logits` entry of shape {tuple(teacher.shape)} does not match the model output "
+            f"{tuple(student.shape)}; compute it with teacher_logits_for on the same batches."
+        )
+    vocab = student.shape[-1]
+    student, teacher = student.reshape(-1, vocab), teacher.reshape(-1, vocab)
+    rows = _chunk_rows(vocab)
+    total = torch.zeros((), dtype=torch.float64, device=student.device)
+    for begin in range(0, student.shape[0], rows):
+        log_q = F.log_softmax(student[begin : begin + rows].float(), dim=-1)
+        log_p = F.log_softmax(teacher[begin : begin + rows].to(log_q.device, torch.float32), dim=-1)
+        target, inputs = (log_p, log_q) if direction == "forward" else (log_q, log_p)
+        # kl_div(input, target) = sum exp(target) * (target - input)
+        total += F.kl_div(inputs, target, reduction="sum", log_target=True).double()
+    return total
+
+
+def _nll_sum(logits: Tensor, input_ids: Tensor) -> Tensor:
+    """Summed next-token cross-entropy of ``[batch, seq, vocab]`` logits, a float64 scalar, in chunks of tokens."""
+    targets = input_ids.to(logits.device)
+    rows = _chunk_rows(logits.shape[-1])
+    total = torch.zeros((), dtype=torch.float64, device=logits.device)
+    for row in range(logits.shape[0]):
+        for begin in range(0, logits.shape[1] - 1, rows):
+            end = min(begin + rows, logits.shape[1] - 1)
+            chunk = logits[row, begin:end].float()
+            total += F.cross_entropy(chunk, targets[row, begin + 1 : end + 1], reduction="sum").double()
+    return total
+
+
+def _pass_through(*args: Any, **kwargs: Any) -> Tensor:
+    # A bypassed layer: its input is its output, nothing is computed.
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _fed(forward: Callable[..., Any], hidden: Tensor) -> Callable[..., Any]:
+    # The real layer, run on `hidden` instead of whatever reached it.
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if args:
+            args = (hidden, *args[1:])
+        else:
+            kwargs["hidden_states"] = hidden
+        return forward(*args, **kwargs)
+
+    return run
+
+
+def _returning(hidden: Tensor) -> Callable[..., Tensor]:
+    return lambda *args, **kwargs: hidden
+
+
+@contextmanager
+def _forwards_replaced(layers: nn.ModuleList, forwards: dict[int, Callable[..., Any]]) -> Iterator[None]:
+    """Swap the ``forward`` of some layers for the duration of one model call (their hooks keep running)."""
+    missing = object()
+    saved: dict[int, Any] = {}
+    try:
+        for index, forward in forwards.items():
+            saved[index] = layers[index].__dict__.get("forward", missing)
+            layers[index].forward = forward
+        yield
+    finally:
+        for index, previous in saved.items():
+            if previous is missing:
+                del layers[index].forward
+            else:
+                layers[index].forward = previous
+
+
+def _can_replay(model: nn.Module) -> bool:
+    """False for sharded (FSDP) models: their layers must run inside the model's own forward, so masks are gated."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    except ImportError:  # a torch build without distributed support cannot shard either
+        return True
+    return not any(isinstance(module, (FSDPModule, FullyShardedDataParallel)) for module in model.modules())
+
+
+class _Replay:
+    """One calibration batch on one model: logits of any subset of the layers, from any hidden state.
+
+    The model's own forward is used throughout (embeddings, masks, position embeddings, final norm, head, logit
+    soft-capping stay the architecture's); layers are bypassed by swapping their ``forward`` for the identity. A
+    recording pass keeps each layer's call arguments, so single layers can then be run directly to advance a prefix.
+
+    Without replay (sharded models), ``logits`` gates the removed layers to 0 through ``gating`` and runs the full
+    model, and ``layer`` does nothing: same values, today's cost.
+    """
+
+    def __init__(self, model: nn.Module, gating: LayerGating | None, input_ids: Tensor, replay: bool) -> None:
+        self.model, self.gating, self.replay = model, gating, replay
+        self.layers = decoder_layers(model)
+        self.input_ids = input_ids.to(_model_device(model))
+        self.calls: list[tuple[tuple, dict[str, Any], bool] | None] = [None] * len(self.layers)
+        self.embedded: Tensor | None = None  # input of layer 0
+
+    def _forward(self, **kwargs: Any) -> Tensor:
+        return self.model(input_ids=self.input_ids, use_cache=False, **kwargs).logits
+
+    @contextmanager
+    def _recording(self) -> Iterator[None]:
+        def hook(index: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if index == 0:
+                self.embedded = args[0] if args else kwargs["hidden_states"]
+            # The hidden state is left out: holding every layer's input would cost a whole activation per layer.
+            rest = {key: value for key, value in kwargs.items() if key != "hidden_states"}
+            self.calls[index] = (tuple(args[1:]), rest, bool(args))
+
+        handles = [
+            layer.register_forward_pre_hook(partial(hook, index), with_kwargs=True)
+            for index, layer in enumerate(self.layers)
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def dense_logits(self) -> Tensor:
+        """Logits of the dense model (gates open), recording the layers' call arguments on the way."""
+        if not self.replay:
+            return self._forward()
+        with self._recording():
+            return self._forward()
+
+    def record(self) -> None:
+        """Record the layers' call arguments with a pass that computes no layer (and, where possible, no head)."""
+        if not self.replay:
+            return
+        kwargs: dict[str, Any] = {}
+        if "logits_to_keep" in inspect.signature(unwrap(self.model).forward).parameters:
+            kwargs["logits_to_keep"] = 1
+        with self._recording(), _forwards_replaced(self.layers, dict.fromkeys(range(len(self.layers)), _pass_through)):
+            self._forward(**kwargs)
+
+    def layer(self, index: int, hidden: Tensor | None) -> Tensor | None:
+        """Output of layer ``index`` for input ``hidden`` (after :meth:`record` or :meth:`dense_logits`)."""
+        if not self.replay:
+            return None
+        args, kwargs, positional = self.calls[index]
+        layer = self.layers[index]
+        output = layer(hidden, *args, **kwargs) if positional else layer(*args, hidden_states=hidden, **kwargs)
+        if not torch.is_tensor(output):
+            raise TypeError(
+                f"Decoder layer {index} ({type(layer).__name__}) returned {type(output).__name__}, not a tensor; "
+                "the scorers replay layers of transformers >= 5, whose decoder layers return the hidden state."
+            )
+        return output
+
+    def logits(self, skip: Iterable[int] = (), start: int = 0, hidden: Tensor | None = None) -> Tensor:
+        """Logits with the layers in ``skip`` removed, where ``hidden`` is the state entering layer ``start``.
+
+        Layers before ``start`` are not run (``hidden`` already holds their effect); ``hidden=None`` starts from
+        the embeddings.
+        """
+        skip = set(skip)
+        if not self.replay:
+            self.gating.set_mask([i not in skip for i in range(len(self.layers))])
+            try:
+                return self._forward()
+            finally:
+                self.gating.set(None)
+        forwards: dict[int, Callable[..., Any]] = {i: _pass_through for i in skip}
+        if hidden is not None:
+            first = next((i for i in range(start, len(self.layers)) if i not in skip), len(self.layers))
+            forwards.update(dict.fromkeys(range(first), _pass_through))
+            if first < len(self.layers):
+                forwards[first] = _fed(self.layers[first].forward, hidden)
+            else:  # every remaining layer is removed: the head reads `hidden`
+                forwards[first - 1] = _returning(hidden)
+        with _forwards_replaced(self.layers, forwards):
+            return self._forward()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Output KL (the search objective) and the KL-based selectors
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -239,7 +433,7 @@ def teacher_logits_for(model: nn.Module, gating: LayerGating, batches: Sequence[
     They are stored as float32 on the CPU, one ``[batch, seq, vocab]`` tensor per batch (``4 * tokens * vocab``
     bytes in all: 1 GiB for 5k tokens of a 50k vocabulary), so keep calibration sets small. Raw logits rather than
     log-probs, so that :func:`output_kl` normalises teacher and student with the very same op and open gates give
-    a KL of exactly 0.
+    a KL of exactly 0. The selectors below do not need them: they compute each batch's teacher on the device.
 
     Args:
         model: A causal LM of a supported architecture.
@@ -252,6 +446,18 @@ def teacher_logits_for(model: nn.Module, gating: LayerGating, batches: Sequence[
         return [_logits(model, ids).float().cpu() for ids in batches]
 
 
+def _check_teacher(teacher_logits: list[Tensor] | None, batches: list[Tensor]) -> None:
+    if teacher_logits is not None and len(teacher_logits) != len(batches):
+        raise ValueError(f"`teacher_logits` has {len(teacher_logits)} entries for {len(batches)} batches.")
+
+
+def _removed(keep_mask: Tensor | Sequence[bool], num_layers: int) -> set[int]:
+    keep = torch.as_tensor(keep_mask)
+    if tuple(keep.shape) != (num_layers,) or not bool(((keep == 0) | (keep == 1)).all()):
+        raise ValueError(f"`keep_mask` must hold {num_layers} booleans (True = keep the layer), got {keep_mask!r}.")
+    return {i for i, value in enumerate(keep.tolist()) if not value}
+
+
 def output_kl(
     model: nn.Module,
     gating: LayerGating,
@@ -260,18 +466,18 @@ def output_kl(
     teacher_logits: list[Tensor] | None = None,
     direction: Direction = "forward",
 ) -> float:
-    """Mean per-token KL between the dense model and the model with ``keep_mask`` applied through the gates.
+    """Mean per-token KL between the dense model and the model with the layers of ``keep_mask`` removed.
 
     ``forward`` is ``KL(dense || masked)``, ``reverse`` is ``KL(masked || dense)``. The mean is over every token of
-    every batch (batches weigh by their token count). Each batch is compared on its own, so peak memory is one
-    batch of logits.
+    every batch (batches weigh by their token count). Removed layers are bypassed, not computed; the same values
+    as gating them to 0. Each batch is compared on its own, on the model's device, in chunks of tokens.
 
     Args:
         model: A causal LM of a supported architecture.
         gating: The model's gating hooks.
         batches: Calibration input_ids, each ``[batch, seq]``.
         keep_mask: One bool per layer (True = keep), or None for the dense model (KL 0).
-        teacher_logits: Output of :func:`teacher_logits_for` for the same batches (computed here if None).
+        teacher_logits: Output of :func:`teacher_logits_for` for the same batches (computed per batch if None).
         direction: ``forward`` or ``reverse`` KL.
 
     Returns:
@@ -280,29 +486,59 @@ def output_kl(
     _check_direction(direction)
     batches = _check_batches(batches)
     _check_gating(model, gating)
-    if teacher_logits is None:
-        teacher_logits = teacher_logits_for(model, gating, batches)
-    if len(teacher_logits) != len(batches):
-        raise ValueError(f"`teacher_logits` has {len(teacher_logits)} entries for {len(batches)} batches.")
+    _check_teacher(teacher_logits, batches)
+    removed = set() if keep_mask is None else _removed(keep_mask, gating.num_layers)
+    replay = _can_replay(model)
     total, tokens = 0.0, 0
     with _scoring(model, gating):
-        if keep_mask is None:
-            gating.set(None)
-        else:
-            gating.set_mask(keep_mask)
-        for ids, teacher in zip(batches, teacher_logits):
-            student = F.log_softmax(_logits(model, ids).float(), dim=-1)
-            if teacher.shape != student.shape:
-                raise ValueError(
-                    f"`teacher_logits` entry of shape {tuple(teacher.shape)} does not match the model output "
-                    f"{tuple(student.shape)}; compute it with teacher_logits_for on the same batches."
-                )
-            teacher = F.log_softmax(teacher.to(student.device, torch.float32), dim=-1)
-            target, inputs = (teacher, student) if direction == "forward" else (student, teacher)
-            # kl_div(input, target) = sum exp(target) * (target - input)
-            total += F.kl_div(inputs, target, reduction="sum", log_target=True).item()
+        gating.set(None)
+        for index, ids in enumerate(batches):
+            run = _Replay(model, gating, ids, replay)
+            teacher = run.dense_logits() if teacher_logits is None else teacher_logits[index]
+            student = run.logits(removed) if removed or teacher_logits is not None else teacher
+            total += _kl_sum(student, teacher, direction).item()
             tokens += student.shape[0] * student.shape[1]
     return total / tokens
+
+
+def _mean_kl_per_mask(
+    model: nn.Module,
+    gating: LayerGating,
+    batches: list[Tensor],
+    removed_sets: Sequence[Sequence[int]],
+    direction: Direction,
+    teacher_logits: list[Tensor] | None,
+) -> list[float]:
+    """:func:`output_kl` of many masks, each a set of removed layers, sharing one pass over the batches.
+
+    Per batch: one dense pass (the teacher, and each layer's call arguments), then the masks in order of their
+    first removed layer. The dense prefix in front of that layer is advanced one layer at a time and reused, so a
+    mask costs only the layers after its first removed one (and the head).
+    """
+    replay = _can_replay(model)
+    order = sorted(range(len(removed_sets)), key=lambda m: min(removed_sets[m]))
+    sums: list[list[Tensor]] = [[] for _ in removed_sets]
+    tokens = 0
+    with _scoring(model, gating):
+        gating.set(None)
+        for index, ids in enumerate(batches):
+            run = _Replay(model, gating, ids, replay)
+            if teacher_logits is None:
+                teacher = run.dense_logits()
+            else:
+                teacher = teacher_logits[index]
+                run.record()
+            hidden, at = run.embedded, 0
+            for mask in order:
+                first = min(removed_sets[mask])
+                while at < first:  # the dense state entering layer `first`
+                    hidden, at = run.layer(at, hidden), at + 1
+                student = run.logits(removed_sets[mask], start=first, hidden=hidden)
+                sums[mask].append(_kl_sum(student, teacher, direction))
+                del student
+            tokens += ids.numel()
+    # One host sync per mask, at the end; batches add up in order, as a sum of per-batch floats.
+    return [sum(value.item() for value in per_batch) / tokens for per_batch in sums]
 
 
 def window_scan(
@@ -317,8 +553,9 @@ def window_scan(
 ) -> LayerSelection:
     """Evaluate :func:`output_kl` for every contiguous window of ``num_drop`` layers and keep the best.
 
-    This is the exact optimum of the single-segment search objective (at the cost of one pass over the
-    calibration batches per window).
+    This is the exact optimum of the single-segment search objective. Per batch it costs one dense pass plus, for
+    the window starting at ``s``, only the layers after the window: the window is bypassed and the dense state
+    entering ``s`` is reused from the previous window.
 
     Args:
         model: A causal LM of a supported architecture.
@@ -328,7 +565,8 @@ def window_scan(
         protect_first: Leading layers that are never dropped.
         protect_last: Trailing layers that are never dropped.
         direction: ``forward`` or ``reverse`` KL.
-        teacher_logits: Precomputed :func:`teacher_logits_for` output (computed here if None).
+        teacher_logits: Precomputed :func:`teacher_logits_for` output (each batch's teacher is computed on the
+            device if None).
 
     Returns:
         The best window; ``details["window_kl"]`` maps every start to its KL.
@@ -338,12 +576,10 @@ def window_scan(
     num_layers = gating.num_layers
     starts = _window_starts(num_layers, num_drop, protect_first, protect_last)
     batches = _check_batches(batches)
-    if teacher_logits is None:
-        teacher_logits = teacher_logits_for(model, gating, batches)
-    window_kl: dict[int, float] = {}
-    for start in starts:
-        keep = [not start <= i < start + num_drop for i in range(num_layers)]
-        window_kl[start] = output_kl(model, gating, batches, keep, teacher_logits, direction)
+    _check_teacher(teacher_logits, batches)
+    windows = [range(start, start + num_drop) for start in starts]
+    values = _mean_kl_per_mask(model, gating, batches, windows, direction, teacher_logits)
+    window_kl = dict(zip(starts, values))
     best = min(starts, key=lambda s: (window_kl[s], s))
     return LayerSelection(
         drop=list(range(best, best + num_drop)),
@@ -362,12 +598,14 @@ def kl_importance(
 ) -> list[float]:
     """Per-layer importance: the output KL of the dense model against the dense model without that one layer.
 
+    Layer ``l`` costs the layers after it (the dense prefix is shared, see :func:`window_scan`).
+
     Args:
         model: A causal LM of a supported architecture.
         gating: The model's gating hooks.
         batches: Calibration input_ids, each ``[batch, seq]``.
         direction: ``forward`` or ``reverse`` KL.
-        teacher_logits: Precomputed :func:`teacher_logits_for` output (computed here if None).
+        teacher_logits: Precomputed :func:`teacher_logits_for` output (computed per batch on the device if None).
 
     Returns:
         One KL per layer (higher = more important).
@@ -375,13 +613,9 @@ def kl_importance(
     _check_direction(direction)
     _check_gating(model, gating)
     batches = _check_batches(batches)
-    if teacher_logits is None:
-        teacher_logits = teacher_logits_for(model, gating, batches)
-    num_layers = gating.num_layers
-    return [
-        output_kl(model, gating, batches, [i != layer for i in range(num_layers)], teacher_logits, direction)
-        for layer in range(num_layers)
-    ]
+    _check_teacher(teacher_logits, batches)
+    return _mean_kl_per_mask(model, gating, batches, [[layer] for layer in range(gating.num_layers)], direction,
+                             teacher_logits)
 
 
 def kl_importance_selection(
@@ -538,10 +772,8 @@ def calibration_ppl(model: nn.Module, batches: Sequence[Tensor]) -> float:
     nll, tokens = 0.0, 0
     with _scoring(model):
         for ids in batches:
-            logits = _logits(model, ids)[:, :-1].float()
-            targets = ids[:, 1:].to(logits.device)
-            nll += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
-            tokens += targets.numel()
+            nll += _nll_sum(_logits(model, ids), ids).item()
+            tokens += ids.shape[0] * (ids.shape[1] - 1)
     return math.exp(nll / tokens)
 
 
@@ -555,8 +787,9 @@ def sleb(
 ) -> LayerSelection:
     """SLEB: remove layers one at a time, each time the one whose extra removal keeps calibration ppl lowest.
 
-    Removed layers are gated to 0; step ``k`` evaluates every remaining unprotected layer (``O(num_drop * L)``
-    passes over the calibration batches).
+    Step ``k`` evaluates every remaining unprotected layer. Removed layers are bypassed, and the candidates of a
+    step are visited in layer order: the state entering candidate ``c`` (with the layers removed so far) is advanced
+    one layer at a time and shared, so candidate ``c`` costs only the layers after it (and the head).
 
     Args:
         model: A causal LM of a supported architecture.
@@ -575,6 +808,8 @@ def sleb(
     num_layers = gating.num_layers
     candidates = candidate_layers(num_layers, num_drop, protect_first, protect_last)
     batches = _check_batches(batches, min_seq=2)
+    replay = _can_replay(model)
+    tokens = sum(ids.shape[0] * (ids.shape[1] - 1) for ids in batches)
     order: list[int] = []
     ppl_after: list[float] = []
     candidate_ppl: list[dict[int, float]] = []
@@ -582,13 +817,21 @@ def sleb(
         gating.set(None)
         dense_ppl = calibration_ppl(model, batches)
         for _ in range(num_drop):
-            step: dict[int, float] = {}
-            for layer in candidates:
-                if layer in order:
-                    continue
-                removed = {*order, layer}
-                gating.set_mask([i not in removed for i in range(num_layers)])
-                step[layer] = calibration_ppl(model, batches)
+            removed = set(order)
+            nll: dict[int, list[Tensor]] = {layer: [] for layer in candidates if layer not in removed}
+            last = max(nll)
+            for ids in batches:
+                run = _Replay(model, gating, ids, replay)
+                run.record()
+                hidden = run.embedded
+                for layer in range(last + 1):
+                    if layer in nll:
+                        logits = run.logits(removed | {layer}, start=layer, hidden=hidden)
+                        nll[layer].append(_nll_sum(logits, run.input_ids))
+                        del logits
+                    if layer < last and layer not in removed:
+                        hidden = run.layer(layer, hidden)
+            step = {layer: math.exp(sum(v.item() for v in per_batch) / tokens) for layer, per_batch in nll.items()}
             chosen = min(step, key=lambda layer: (step[layer], layer))
             order.append(chosen)
             ppl_after.append(step[chosen])
