@@ -438,7 +438,7 @@ def evaluate(
     """
     from lit_prune.components.quantize import load_quantized, model_weight_bytes, weight_files_bytes
     from lit_prune.data import DataConfigError
-    from lit_prune.stages.base import load_causal_lm, load_config
+    from lit_prune.hf import load_causal_lm, load_config
 
     tasks = list(tasks or [])
     has_data = text_files is not None or dataset is not None

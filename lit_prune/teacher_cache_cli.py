@@ -72,10 +72,10 @@ def cache_teacher_main(argv: list[str]) -> None:
     from torch.utils.data import DataLoader
 
     from lit_prune.assets import canonical_model_id
-    from lit_prune.components.surgery import prepare_output_dir
     from lit_prune.components.teacher_cache import write_topk_cache
     from lit_prune.data import PruneDataModule, collate_blocks
-    from lit_prune.stages.base import load_causal_lm, load_config
+    from lit_prune.hf import load_causal_lm, load_config
+    from lit_prune.io import prepare_output_dir
 
     prepare_output_dir(args.out, args.overwrite, key="--out")  # before any data or weights load
     config = load_config(args.model, key="--model")

@@ -90,9 +90,9 @@ def test_tokenizer_mismatch_is_refused_before_weights(tiny_checkpoint, tiny_text
     tok.add_tokens(["the", "and", "Shakespeare"])  # different ids on the probe string
     tok.save_pretrained(other)
     assert AutoTokenizer.from_pretrained(other)("the")["input_ids"] != char_tokenizer()("the")["input_ids"]
-    import lit_prune.stages.base as base
+    import lit_prune.hf as hf
 
-    monkeypatch.setattr(base, "load_causal_lm", lambda *a, **k: pytest.fail("weights loaded before the check"))
+    monkeypatch.setattr(hf, "load_causal_lm", lambda *a, **k: pytest.fail("weights loaded before the check"))
     with pytest.raises(ValueError, match=r"dense=.*other=.*not be comparable"):
         evaluate({"dense": str(tiny_checkpoint), "other": str(other)}, text_files=[str(tiny_text)], max_length=32)
 

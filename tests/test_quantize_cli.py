@@ -50,12 +50,12 @@ def test_quantize_command_then_evaluate_dense_pruned_and_quantized_in_one_run(
 
 
 def _no_weights(monkeypatch):
-    import lit_prune.stages.base as base
+    import lit_prune.hf as hf
 
     def refuse(*args, **kwargs):
         pytest.fail("weights were loaded")
 
-    monkeypatch.setattr(base, "load_causal_lm", refuse)
+    monkeypatch.setattr(hf, "load_causal_lm", refuse)
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
 
 

@@ -6,9 +6,11 @@ from pathlib import Path
 
 from torch import nn
 
+from lit_prune import hf
 from lit_prune.components.layers import num_decoder_layers, unwrap
-from lit_prune.components.mask_io import MaskArtifact, save_mask
-from lit_prune.components.surgery import drop_layers, prepare_output_dir, save_atomically
+from lit_prune.components.mask_io import MaskArtifact, load_mask
+from lit_prune.components.surgery import drop_layers
+from lit_prune.io import prepare_output_dir, save_checkpoint_folder
 
 
 def save_pruned(
@@ -31,14 +33,7 @@ def save_pruned(
     model = unwrap(model)
     artifact.check_fits(num_decoder_layers(model))
     drop_layers(model, artifact.drop)
-
-    def write(folder: Path) -> None:
-        model.save_pretrained(folder)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
-        save_mask(folder / "mask.json", artifact)
-
-    return save_atomically(out_dir, write, overwrite)
+    return save_checkpoint_folder(out_dir, model, tokenizer, artifact.to_json(), overwrite)
 
 
 def export_from_mask(
@@ -46,7 +41,7 @@ def export_from_mask(
     mask: str | Path | MaskArtifact,
     out_dir: str | Path,
     overwrite: bool = False,
-    dtype: str = "auto",
+    dtype: hf.Dtype = "auto",
     allow_model_mismatch: bool = False,
 ) -> Path:
     """Apply a mask artifact to a model id or folder and write the smaller checkpoint.
@@ -54,16 +49,10 @@ def export_from_mask(
     Everything that can be checked without weights (output folder, mask file, layer count, model id) is checked first,
     so a bad input loads nothing and writes nothing.
     """
-    from transformers import AutoTokenizer
-
-    from lit_prune.assets import resolve_pretrained
-    from lit_prune.components.mask_io import load_mask
-    from lit_prune.stages.base import load_causal_lm, load_config
-
     prepare_output_dir(out_dir, overwrite)
     artifact = mask if isinstance(mask, MaskArtifact) else load_mask(mask)
-    config = load_config(pretrained, key="--model")
+    config = hf.load_config(pretrained, key="--model")
     artifact.check_fits(int(config.num_hidden_layers), pretrained, allow_model_mismatch)
-    model = load_causal_lm(pretrained, dtype)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(pretrained))
+    model = hf.load_causal_lm(pretrained, dtype)
+    tokenizer = hf.load_tokenizer(pretrained)
     return save_pruned(model, artifact, out_dir, tokenizer=tokenizer, overwrite=overwrite)

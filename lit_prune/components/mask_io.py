@@ -9,14 +9,13 @@ Layer indices are 0-based; segments are ``[start, end)``, end-exclusive::
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lit_prune.components.surgery import _umask, contiguous_segments, validate_drop
+from lit_prune.components.surgery import contiguous_segments, validate_drop
+from lit_prune.io import write_text_atomically
 
 REQUIRED_KEYS = ("model", "num_layers", "drop")
 
@@ -85,6 +84,10 @@ class MaskArtifact:
 
     def __str__(self) -> str:
         return self.describe()
+
+    def to_json(self) -> str:
+        """The ``mask.json`` text: one key per line (see :func:`format_mask_json`)."""
+        return format_mask_json(self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -156,18 +159,7 @@ def same_model(a: str, b: str) -> bool:
 
 def save_mask(path: str | Path, artifact: MaskArtifact) -> Path:
     """Write ``mask.json`` atomically (a crash never leaves a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(format_mask_json(artifact.to_dict()))
-        Path(tmp).chmod(0o666 & ~_umask())  # mkstemp makes it owner-only
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomically(path, artifact.to_json())
 
 
 def format_mask_json(data: dict[str, Any]) -> str:

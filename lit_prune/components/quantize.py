@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from lit_prune import hf
+from lit_prune.io import prepare_output_dir, save_checkpoint_folder
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -142,10 +144,6 @@ def requirements_of(saved: str) -> str:
     return "bnb-nf4" if saved.startswith("bnb") else "torchao-int8-weight" if saved.startswith("torchao") else saved
 
 
-def _dtype(dtype: str | torch.dtype) -> torch.dtype | str:
-    return dtype if isinstance(dtype, torch.dtype) or dtype == "auto" else getattr(torch, dtype)
-
-
 def load_quantized(
     pretrained: str, method: str | None, device: str | None = None, dtype: str | torch.dtype = "auto",
     key: str = "--method",
@@ -170,7 +168,7 @@ def load_quantized(
         )
     check_method(method or requirements_of(saved), device, key=key if method else f"{pretrained!r} (saved with)")
     kind = device_type(device)
-    torch_dtype = _dtype(dtype)
+    torch_dtype = hf.torch_dtype(dtype)
     if torch_dtype == "auto" and (method or saved).startswith("bnb"):
         torch_dtype = torch.bfloat16  # bnb keeps non-quantized parts (norms, embeddings) in this dtype
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
@@ -257,36 +255,23 @@ def quantize_checkpoint(
     Returns:
         A report: method, device, weight bytes on disk before and after, quantized Linear count.
     """
-    from transformers import AutoConfig, AutoTokenizer
-
     from lit_prune.assets import resolve_pretrained
-    from lit_prune.components.surgery import prepare_output_dir, save_atomically
 
     prepare_output_dir(out_dir, overwrite, key="--out")
     check_method(method, device)
-    try:
-        AutoConfig.from_pretrained(resolve_pretrained(pretrained))
-    except (OSError, ValueError) as err:
-        raise QuantizationError(
-            f"`--model`={pretrained!r} is not a loadable model: {err}. Pass a folder written by `lit_prune export` "
-            "or a recovery run, a hub id, or offline:smollm2-135m."
-        ) from None
+    hint = "Pass a folder written by `lit_prune export` or a recovery run, a hub id, or offline:smollm2-135m."
+    hf.read_config(pretrained, key="--model", hint=hint, error=QuantizationError)
     source = Path(resolve_pretrained(pretrained))
     model = load(pretrained, method, device=device, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(str(source))
+    tokenizer = hf.load_tokenizer(pretrained)
     report: dict[str, Any] = {
         "model": pretrained, "method": method, "device": device_type(device),
         "dtype": str(next(p for p in model.parameters() if p.dtype.is_floating_point).dtype).removeprefix("torch."),
         **quantized_linear_summary(model), "weight_bytes_in_memory": model_weight_bytes(model),
     }
-
-    def write(folder: Path) -> None:
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        if (source / "mask.json").is_file():
-            shutil.copy2(source / "mask.json", folder / "mask.json")
-
-    out = save_atomically(out_dir, write, overwrite)
+    mask = source / "mask.json"
+    mask_json = mask.read_text(encoding="utf-8") if mask.is_file() else None  # the pruned folder's mask travels on
+    out = save_checkpoint_folder(out_dir, model, tokenizer, mask_json, overwrite, key="--out")
     report["out"] = str(out)
     report["weight_bytes_on_disk"] = weight_files_bytes(out)
     report["source_weight_bytes_on_disk"] = weight_files_bytes(source) if source.is_dir() else None

@@ -23,12 +23,8 @@ DeepSeek's multi-token-prediction (MTP) layers are not part of the transformers 
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 
 from torch import nn
 
@@ -188,41 +184,3 @@ def contiguous_segments(drop: Sequence[int]) -> list[tuple[int, int]]:
         else:
             segments.append((index, index + 1))
     return segments
-
-
-def prepare_output_dir(out_dir: str | Path, overwrite: bool = False, key: str = "out") -> Path:
-    """Refuse a non-empty output folder unless ``overwrite`` (checked before any work is done)."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"`{key}`={str(out_dir)!r} exists and is not a folder. Choose another path.")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"`{key}`={str(out_dir)!r} is not empty. Choose an empty or new folder, or pass overwrite to replace it."
-        )
-    return out_dir
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def save_atomically(out_dir: str | Path, write: callable, overwrite: bool = False) -> Path:
-    """Run ``write(tmp_dir)`` into a temporary sibling folder, then move it into place.
-
-    A crash or error mid-write leaves nothing at ``out_dir``.
-    """
-    out_dir = prepare_output_dir(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        tmp_dir.chmod(0o777 & ~_umask())  # mkdtemp makes it owner-only; an export should read like any folder
-        write(tmp_dir)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-    return out_dir

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_prune.components.kd import topk_teacher
-from lit_prune.components.surgery import save_atomically
+from lit_prune.io import save_atomically
 
 FORMAT = "lit_prune.topk_teacher_cache"
 VERSION = 1

@@ -10,15 +10,15 @@ Capabilities that reusable callbacks rely on are small Protocols, not concrete c
 
 from __future__ import annotations
 
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
-from lit_prune.assets import resolve_pretrained
-from lit_prune.components.layers import check_supported
+from lit_prune import hf
+from lit_prune.hf import Dtype
 from lit_prune.metrics import TokenPerplexity, shifted_token_nll
 from lit_prune.stages.distributed import (
     average_gradients_,
@@ -27,8 +27,6 @@ from lit_prune.stages.distributed import (
     fsdp_strategy,
     prepare_fsdp_loading,
 )
-
-Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 @runtime_checkable
@@ -46,51 +44,16 @@ class TopKBudget(Protocol):
     k_target: int
 
 
-def load_config(pretrained: str, key: str = "model.init_args.pretrained"):
-    """Read a model's config (no weights) and check the architecture is supported."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(resolve_pretrained(pretrained))
-    except (OSError, ValueError) as err:
-        raise ValueError(
-            f"`{key}`={pretrained!r} is not a loadable model: {err}. Pass a hub id, a local folder with config.json, "
-            "or offline:smollm2-135m."
-        ) from None
-    check_supported(getattr(config, "model_type", None), source=f"`{key}`={pretrained!r}")
-    return config
-
-
-def load_causal_lm(pretrained: str, dtype: Dtype = "auto") -> nn.Module:
-    """Load a causal LM by id, folder or offline alias."""
-    from transformers import AutoModelForCausalLM
-
-    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    return AutoModelForCausalLM.from_pretrained(resolve_pretrained(pretrained), dtype=torch_dtype)
-
-
-def meta_model(config, dtype: Dtype = "auto") -> nn.Module:
-    """The model's module structure without weights (device ``meta``): for early checks, and for FSDP ranks > 0."""
-    from transformers import AutoModelForCausalLM
-
-    torch_dtype = config.dtype if dtype == "auto" else getattr(torch, dtype)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
-
-
 def save_gated_as_pruned(stage: PruneStage, out_dir: str, overwrite: bool = False) -> None:
     """Remove a gated stage's hooks, drop the layers of its ``mask_artifact()`` and save a vanilla checkpoint.
 
     The stage holds the pruned model afterwards.
     """
-    from transformers import AutoTokenizer
-
     from lit_prune.components.checkpoint import save_pruned
 
     artifact = stage.mask_artifact()
     stage.gating.remove()
-    tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(stage.pretrained))
-    save_pruned(stage.model, artifact, out_dir, tokenizer=tokenizer, overwrite=overwrite)
+    save_pruned(stage.model, artifact, out_dir, tokenizer=hf.load_tokenizer(stage.pretrained), overwrite=overwrite)
 
 
 def strip_frozen_model(checkpoint: dict[str, Any]) -> None:
@@ -120,7 +83,7 @@ class PruneStage(L.LightningModule):
         self.dtype_name = dtype
         self.optimizer_factory = optimizer
         self.gradient_checkpointing = gradient_checkpointing
-        self.config = load_config(pretrained)
+        self.config = hf.load_config(pretrained)
         self.model: nn.Module | None = None
         self.val_ppl = TokenPerplexity()
         self.weights_on_meta = False  # set under FSDP on ranks > 0: rank 0's weights arrive while sharding
@@ -145,9 +108,9 @@ class PruneStage(L.LightningModule):
     def load_weights(self, pretrained: str) -> nn.Module:
         """Load a model, or only its architecture on the meta device where FSDP will broadcast rank 0's weights."""
         if self.weights_on_meta:
-            config = self.config if pretrained == self.pretrained else load_config(pretrained)
-            return meta_model(config, self.dtype_name)
-        return load_causal_lm(pretrained, self.dtype_name)
+            config = self.config if pretrained == self.pretrained else hf.load_config(pretrained)
+            return hf.meta_model(config, self.dtype_name)
+        return hf.load_causal_lm(pretrained, self.dtype_name)
 
     @property
     def num_layers(self) -> int:

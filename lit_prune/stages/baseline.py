@@ -28,7 +28,8 @@ from lit_prune.assets import canonical_model_id
 from lit_prune.components.gating import LayerGating
 from lit_prune.components.mask_io import MaskArtifact
 from lit_prune.components.scorers import SCORERS, LayerSelection, candidate_layers, score
-from lit_prune.stages.base import Dtype, PruneStage, save_gated_as_pruned, strip_frozen_model
+from lit_prune.hf import Dtype
+from lit_prune.stages.base import PruneStage, save_gated_as_pruned, strip_frozen_model
 from lit_prune.stages.mask_search import num_drop_from
 
 BaselineMethod = Literal["block_influence", "angular", "sleb", "tail", "random", "window_scan", "kl_importance"]

@@ -24,7 +24,7 @@ from lit_prune.components.kd import Teacher, Weighting, check_choice, entropy_aw
 from lit_prune.components.layers import decoder_layers
 from lit_prune.components.losses import Direction, next_token_ce
 from lit_prune.components.teacher_cache import TeacherCacheError, TopKCache
-from lit_prune.stages.base import Dtype
+from lit_prune.hf import Dtype
 from lit_prune.stages.endpoint_lora import (
     LLAMA_PROJECTIONS,
     RecoveryStage,

@@ -24,13 +24,16 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
+from lit_prune import hf
 from lit_prune.assets import canonical_model_id, resolve_pretrained
 from lit_prune.components.kd import check_choice
 from lit_prune.components.layers import LAYER_PATHS, decoder_layers, unwrap
 from lit_prune.components.losses import kl_loss, next_token_ce
-from lit_prune.components.mask_io import MaskArtifact, MaskError, load_mask, save_mask
-from lit_prune.components.surgery import drop_layers, endpoint_layers, prepare_output_dir, save_atomically
-from lit_prune.stages.base import Dtype, PruneStage, load_causal_lm, load_config, meta_model
+from lit_prune.components.mask_io import MaskArtifact, MaskError, load_mask
+from lit_prune.components.surgery import drop_layers, endpoint_layers
+from lit_prune.hf import Dtype
+from lit_prune.io import prepare_output_dir, save_checkpoint_folder
+from lit_prune.stages.base import PruneStage
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # LoraConfig fields the stage sets itself; `lora_options` may not repeat them.
@@ -230,7 +233,7 @@ class RecoveryStage(PruneStage):
 
     def check_teacher(self, teacher: str, key: str = "model.init_args.teacher"):
         """Config-level teacher check: loadable and the same vocabulary as the student."""
-        config = load_config(teacher, key=key)
+        config = hf.load_config(teacher, key=key)
         if int(config.vocab_size) != int(self.config.vocab_size):
             raise ValueError(
                 f"`{key}`={teacher!r} has vocab_size {config.vocab_size}, but the student "
@@ -246,7 +249,7 @@ class RecoveryStage(PruneStage):
                 f"`model.init_args.target_modules` must be a non-empty list of module names, got {target_modules!r}."
             )
         try:
-            skeleton = meta_model(self.config)
+            skeleton = hf.meta_model(self.config)
             drop_layers(skeleton, self.drop_now)
         except Exception:  # an exotic config; the same check runs again once the weights are loaded
             return
@@ -324,7 +327,7 @@ class RecoveryStage(PruneStage):
         if state is None:
             return
         prefix = "model."
-        sharded, self.model = self.model, load_causal_lm(self.pretrained, self.dtype_name)
+        sharded, self.model = self.model, hf.load_causal_lm(self.pretrained, self.dtype_name)
         try:
             self.build_student()
             self.model.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
@@ -333,22 +336,17 @@ class RecoveryStage(PruneStage):
             self.model = sharded
 
     def _save_in_memory(self, out_dir: str, overwrite: bool) -> None:
-        from transformers import AutoTokenizer
-
         prepare_output_dir(out_dir, overwrite)
         artifact = self.mask_artifact()
-        tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(self.pretrained))
 
-        def write(folder: Path) -> None:
+        def merged(folder: Path) -> nn.Module:
             if self.save_adapter and is_peft(self.model):
                 self.model.save_pretrained(folder / "adapter")
             if is_peft(self.model):
                 self.model = self.model.merge_and_unload()
-            self.model.save_pretrained(folder)
-            tokenizer.save_pretrained(folder)
-            save_mask(folder / "mask.json", artifact)
+            return self.model
 
-        save_atomically(out_dir, write, overwrite)
+        save_checkpoint_folder(out_dir, merged, hf.load_tokenizer(self.pretrained), artifact.to_json(), overwrite)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Frozen student weights and the teacher are reloaded from their ids; keep only what trains.
@@ -531,24 +529,20 @@ class EndpointLoRA(RecoveryStage):
             return super().save_pruned_model(out_dir, overwrite)
         if self._trainer is not None and not self.trainer.is_global_zero:
             return None
-        from transformers import AutoTokenizer
-
         from lit_prune.components.quantize import merge_lora_dequantized
 
         prepare_output_dir(out_dir, overwrite)
         artifact = self.mask_artifact()
-        tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(self.pretrained))
+        tokenizer = hf.load_tokenizer(self.pretrained)
         # Lightning's teardown moves the module to the CPU before on_fit_end; bitsandbytes dequantizes on CUDA.
         self.model.to(torch.device("cuda", torch.cuda.current_device()))
 
-        def write(folder: Path) -> None:
+        def merged(folder: Path) -> nn.Module:
             self.model.save_pretrained(folder / "adapter")
             self.model = merge_lora_dequantized(self.model, self.compute_dtype)
-            self.model.save_pretrained(folder)
-            tokenizer.save_pretrained(folder)
-            save_mask(folder / "mask.json", artifact)
+            return self.model
 
-        save_atomically(out_dir, write, overwrite)
+        save_checkpoint_folder(out_dir, merged, tokenizer, artifact.to_json(), overwrite)
         return None
 
 

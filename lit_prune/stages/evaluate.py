@@ -11,7 +11,8 @@ from torch import Tensor
 from lit_prune.components.gating import LayerGating
 from lit_prune.components.mask_io import MaskArtifact, load_mask
 from lit_prune.components.surgery import drop_layers
-from lit_prune.stages.base import Dtype, PruneStage
+from lit_prune.hf import Dtype
+from lit_prune.stages.base import PruneStage
 
 
 class Evaluate(PruneStage):

@@ -24,8 +24,9 @@ from lit_prune.components.gates import ConcaveGate, GumbelTopKGate, LayerGate, l
 from lit_prune.components.gating import LayerGating
 from lit_prune.components.losses import Direction, kl_loss, next_token_ce
 from lit_prune.components.mask_io import MaskArtifact
+from lit_prune.hf import Dtype, meta_model
 from lit_prune.metrics import TokenPerplexity
-from lit_prune.stages.base import Dtype, PruneStage, meta_model, save_gated_as_pruned, strip_frozen_model
+from lit_prune.stages.base import PruneStage, save_gated_as_pruned, strip_frozen_model
 from lit_prune.stages.distributed import (
     average_across_ranks,
     broadcast_from_rank0_,

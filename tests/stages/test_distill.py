@@ -98,9 +98,9 @@ def test_cached_teacher_equals_online_topk_teacher(tiny_checkpoint, tiny_mask, t
     batch = _batch(tiny_checkpoint, tiny_text)
     online = _stage(tiny_checkpoint, tiny_mask, teacher_k=4, kd_temperature=1.5)
     online.configure_model()
-    import lit_prune.stages.endpoint_lora as endpoint_lora
+    import lit_prune.hf as hf
 
-    monkeypatch.setattr(endpoint_lora, "load_causal_lm", lambda *a, **k: pytest.fail("a cached run loads no teacher"))
+    monkeypatch.setattr(hf, "load_causal_lm", lambda *a, **k: pytest.fail("a cached run loads no teacher"))
     cached = _stage(tiny_checkpoint, tiny_mask, teacher_cache=str(tiny_cache), kd_temperature=1.5)
     cached.model = online.model  # the same student, so only the teacher's source differs
     torch.testing.assert_close(cached.training_step(batch, 0), online.training_step(batch, 0))
@@ -155,9 +155,9 @@ def test_teacher_with_another_vocabulary_is_refused(tiny_checkpoint, tiny_mask, 
     other = tiny_model("llama")
     other.resize_token_embeddings(120)
     other.save_pretrained(tmp_path / "other")
-    import lit_prune.stages.base as base
+    import lit_prune.hf as hf
 
-    monkeypatch.setattr(base, "load_causal_lm", lambda *a, **k: pytest.fail("weights were loaded"))
+    monkeypatch.setattr(hf, "load_causal_lm", lambda *a, **k: pytest.fail("weights were loaded"))
     with pytest.raises(ValueError, match=r"`model.init_args.teacher`=.*vocab_size 120.*has 103"):
         _stage(tiny_checkpoint, tiny_mask, teacher=str(tmp_path / "other"))
 
@@ -176,9 +176,9 @@ def test_teacher_with_another_vocabulary_is_refused(tiny_checkpoint, tiny_mask, 
     ],
 )
 def test_bad_settings_fail_before_weights_load(tiny_checkpoint, tiny_mask, tiny_cache, kwargs, message, monkeypatch):
-    import lit_prune.stages.base as base
+    import lit_prune.hf as hf
 
-    monkeypatch.setattr(base, "load_causal_lm", lambda *a, **k: pytest.fail("weights were loaded"))
+    monkeypatch.setattr(hf, "load_causal_lm", lambda *a, **k: pytest.fail("weights were loaded"))
     kwargs = {k: (str(tiny_cache) if v == "CACHE" else v) for k, v in kwargs.items()}
     kwargs.setdefault("teacher", str(tiny_checkpoint))
     with pytest.raises(ValueError, match=message):

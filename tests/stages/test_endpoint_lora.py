@@ -128,14 +128,12 @@ def test_already_pruned_folder_uses_its_mask_json(tiny_checkpoint, tiny_mask, tm
     ],
 )
 def test_bad_settings_fail_before_weights_load(tiny_checkpoint, tiny_mask, kwargs, message, monkeypatch):
-    import lit_prune.stages.base as base
-    import lit_prune.stages.endpoint_lora as endpoint_lora
+    import lit_prune.hf as hf
 
     def no_weights(*args, **kwargs):
         pytest.fail("weights were loaded")
 
-    monkeypatch.setattr(base, "load_causal_lm", no_weights)
-    monkeypatch.setattr(endpoint_lora, "load_causal_lm", no_weights)
+    monkeypatch.setattr(hf, "load_causal_lm", no_weights)
     kwargs = {"mask": str(tiny_mask), **kwargs}
     with pytest.raises(ValueError, match=message):
         EndpointLoRA(str(tiny_checkpoint), **kwargs)

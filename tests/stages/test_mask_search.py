@@ -107,9 +107,9 @@ def test_checkpoint_keeps_only_the_gate_and_resume_matches(tiny_checkpoint, tiny
     ],
 )
 def test_bad_budget_fails_before_weights_load(tiny_checkpoint, kwargs, message, monkeypatch):
-    import lit_prune.stages.base as base
+    import lit_prune.hf as hf
 
-    monkeypatch.setattr(base, "load_causal_lm", lambda *a, **k: pytest.fail("weights were loaded"))
+    monkeypatch.setattr(hf, "load_causal_lm", lambda *a, **k: pytest.fail("weights were loaded"))
     with pytest.raises(ValueError, match=message):
         MaskSearch(str(tiny_checkpoint), gate=lambda n, k: ConcaveGate(n, k), **kwargs)
 

@@ -20,10 +20,10 @@ def tiny_mask(tiny_checkpoint, tmp_path_factory) -> Path:
 
 
 def test_nf4_without_cuda_is_refused_before_the_model_is_read(tiny_checkpoint, tiny_mask, monkeypatch):
-    import lit_prune.stages.base as base
+    import lit_prune.hf as hf
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(base, "load_config", lambda *a, **k: pytest.fail("the model was read"))
+    monkeypatch.setattr(hf, "load_config", lambda *a, **k: pytest.fail("the model was read"))
     with pytest.raises(ValueError) as err:
         EndpointLoRA(str(tiny_checkpoint), mask=str(tiny_mask), quantize_base="nf4")
     message = str(err.value)

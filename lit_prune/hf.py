@@ -1,0 +1,69 @@
+"""Loading Hugging Face models: config, weights, a weightless (meta) model, and the checks that come first.
+
+Pure transformers, no Lightning: components, the CLI tools and the stages all load through here, so a model id, a
+local folder or an offline alias (``offline:smollm2-135m``) means the same everywhere, and a bad one gives the same
+error, naming the option it came from, before any weight loads.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from lit_prune.assets import resolve_pretrained
+from lit_prune.components.layers import check_supported
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+LOADABLE_HINT = "Pass a hub id, a local folder with config.json, or offline:smollm2-135m."
+
+
+def torch_dtype(dtype: Dtype | torch.dtype) -> torch.dtype | str:
+    """``"bfloat16"`` -> ``torch.bfloat16``; ``"auto"`` and torch dtypes pass through."""
+    return dtype if isinstance(dtype, torch.dtype) or dtype == "auto" else getattr(torch, dtype)
+
+
+def read_config(
+    pretrained: str,
+    key: str = "model.init_args.pretrained",
+    hint: str = LOADABLE_HINT,
+    error: type[Exception] = ValueError,
+):
+    """Read a model's config (no weights); raise ``error`` naming ``key`` when it is not a loadable model."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(resolve_pretrained(pretrained))
+    except (OSError, ValueError) as err:
+        raise error(f"`{key}`={pretrained!r} is not a loadable model: {err}. {hint}") from None
+
+
+def load_config(pretrained: str, key: str = "model.init_args.pretrained"):
+    """Read a model's config (no weights) and check that lit_prune can prune its architecture."""
+    config = read_config(pretrained, key)
+    check_supported(getattr(config, "model_type", None), source=f"`{key}`={pretrained!r}")
+    return config
+
+
+def load_causal_lm(pretrained: str, dtype: Dtype = "auto") -> nn.Module:
+    """Load a causal LM by hub id, folder or offline alias."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(resolve_pretrained(pretrained), dtype=torch_dtype(dtype))
+
+
+def load_tokenizer(pretrained: str):
+    """Load the tokenizer saved with a model (hub id, folder or offline alias)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_pretrained(pretrained))
+
+
+def meta_model(config, dtype: Dtype = "auto") -> nn.Module:
+    """The model's module structure without weights (device ``meta``): for early checks, and for FSDP ranks > 0."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = config.dtype if dtype == "auto" else torch_dtype(dtype)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
