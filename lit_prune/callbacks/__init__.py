@@ -2,8 +2,9 @@
 
 from lit_prune.callbacks.export import ModelExport
 from lit_prune.callbacks.mask_monitor import MaskMonitor
+from lit_prune.callbacks.run_summary import RunSummary
 from lit_prune.callbacks.step_schedule import StepSchedule
 from lit_prune.callbacks.temperature import TemperatureSchedule
 from lit_prune.callbacks.topk import TopKAnnealing
 
-__all__ = ["MaskMonitor", "ModelExport", "StepSchedule", "TemperatureSchedule", "TopKAnnealing"]
+__all__ = ["MaskMonitor", "ModelExport", "RunSummary", "StepSchedule", "TemperatureSchedule", "TopKAnnealing"]
