@@ -1,8 +1,8 @@
 """Report figures from finished runs: gate trajectories, per-layer importance, and retention vs speed-up.
 
 Pure functions over what runs leave on disk (TensorBoard event files and ``mask.json``); nothing is trained or loaded.
-matplotlib is imported inside the plotting functions (optional extra ``lit_prune[plots]``), and figures are drawn on a
-``matplotlib.figure.Figure`` without pyplot, so no GUI backend or global state is involved::
+matplotlib (a core dependency) is imported inside the plotting functions, so importing this module stays cheap, and
+figures are drawn on a ``matplotlib.figure.Figure`` without pyplot, so no GUI backend or global state is involved::
 
     run_dir/events.out.tfevents.*  --read_scalars-->  {"mask/gate/layer_00": [(step, value), ...], ...}
                                    --gate_trajectory_png-->  layers x steps heat map (+ mask.json's dropped layers)
@@ -153,8 +153,8 @@ def _new_figure(width: float, height: float) -> Figure:
         from matplotlib.figure import Figure
     except ImportError:
         raise ImportError(
-            "lit_prune.reports draws with matplotlib, which is not installed: pip install 'lit_prune[plots]' "
-            "(or pip install matplotlib)."
+            "lit_prune.reports draws with matplotlib, a dependency of lit_prune that is missing here: "
+            "pip install 'matplotlib>=3.7' (or reinstall lit_prune)."
         ) from None
     return Figure(figsize=(width, height), layout="constrained", dpi=100)
 
@@ -482,6 +482,40 @@ def speedup_png(rows: Sequence[Mapping[str, Any]], out_png: str | Path, title: s
     ax.set_xlim(0, max(max(c[1], c[2]) for c in checked) * 1.3)  # room for the "of ideal" labels
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title(title or "Pruned vs dense: measured and ideal speed-up", fontsize=9)
+    return _save(fig, out_png)
+
+
+def task_retention_png(results: Mapping[str, Any], out_png: str | Path, title: str | None = None) -> Path:
+    """Grouped bars of accuracy retention per task (and both averages), one colour per non-reference model.
+
+    Args:
+        results: What ``python -m lit_prune evaluate`` writes to ``results.json`` (``models.<name>.retention`` with
+            ``tasks``, ``mean_of_ratios`` and ``ratio_of_means``).
+        out_png: Where to write the PNG.
+        title: Optional figure title.
+
+    Raises:
+        ReportError: No model other than the reference has a task retention.
+    """
+    models = {name: entry["retention"] for name, entry in (results.get("models") or {}).items()
+              if (entry.get("retention") or {}).get("tasks")}
+    if not models:
+        raise ReportError("task_retention_png needs results with task retentions of at least one non-reference model "
+                          "(run `python -m lit_prune evaluate` with --tasks and two or more models).")
+    labels = list(next(iter(models.values()))["tasks"]) + ["mean of ratios", "ratio of means"]
+    fig = _new_figure(width=max(5.5, 0.9 * len(labels) * max(1, len(models)) ** 0.5 + 2), height=3.8)
+    ax = fig.add_subplot()
+    width = 0.8 / len(models)
+    for i, (name, ret) in enumerate(models.items()):
+        values = [ret["tasks"].get(t) for t in labels[:-2]] + [ret.get("mean_of_ratios"), ret.get("ratio_of_means")]
+        xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(labels))]
+        ax.bar(xs, [v if v is not None else 0.0 for v in values], width=width * 0.95, label=name)
+    ax.axhline(1.0, color="grey", linestyle="--", linewidth=0.8)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel(f"accuracy retention (model / {results.get('reference', 'reference')})")
+    ax.legend(fontsize=7, loc="lower left")
+    ax.set_title(title or "Zero-shot accuracy retained, per task", fontsize=9)
     return _save(fig, out_png)
 
 
