@@ -9,6 +9,21 @@ import yaml
 from lit_prune.cli import main
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+# Mixture-of-experts configs run on a tiny model of their own architecture (tests/tiny.py), the rest on tiny Llama.
+TINY_MODEL_TYPES = {"e3_deepseek_r1": "deepseek_v3", "e3_qwen3_30b_a3b": "qwen3_moe"}
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_of(tmp_path_factory):
+    from tiny import char_tokenizer, tiny_model
+
+    def save(model_type: str) -> Path:
+        path = tmp_path_factory.mktemp(f"tiny-{model_type}")
+        char_tokenizer().save_pretrained(path)
+        tiny_model(model_type).save_pretrained(path)
+        return path
+
+    return save
 
 
 @pytest.fixture(scope="session")
@@ -33,10 +48,12 @@ def tiny_teacher_cache(tiny_checkpoint, tiny_text, tmp_path_factory) -> Path:
 def test_config_runs_on_tiny_model(config, tiny_checkpoint, tiny_text, tmp_path, request):
     raw = yaml.safe_load(config.read_text())
     stage = raw["model"]["class_path"]
+    model_type = TINY_MODEL_TYPES.get(config.stem)
+    pretrained = request.getfixturevalue("tiny_checkpoint_of")(model_type) if model_type else tiny_checkpoint
     args = [
         "validate" if stage == "lit_prune.Evaluate" else "fit",
         "-c", str(config),
-        f"--model.init_args.pretrained={tiny_checkpoint}",
+        f"--model.init_args.pretrained={pretrained}",
         "--model.init_args.dtype=float32",
         "--data.dataset=null",
         f"--data.text_files=[{tiny_text}]",
@@ -44,6 +61,7 @@ def test_config_runs_on_tiny_model(config, tiny_checkpoint, tiny_text, tmp_path,
         "--data.num_workers=0",
         "--trainer.accelerator=cpu",
         "--trainer.devices=1",
+        "--trainer.num_nodes=1",
         "--trainer.strategy=auto",
         "--trainer.precision=32-true",
         "--trainer.max_steps=3",
@@ -70,6 +88,7 @@ def test_config_runs_on_tiny_model(config, tiny_checkpoint, tiny_text, tmp_path,
     if raw["model"]["init_args"].get("importance_batches"):
         args.append("--model.init_args.importance_batches=1")
     cli = main(args)
+    assert cli.model.config.model_type == (model_type or "llama")
     if stage == "lit_prune.Evaluate":
         assert cli.trainer.callback_metrics["val/ppl"] > 1
         return
