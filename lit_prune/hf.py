@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from lit_prune.assets import resolve_pretrained
-from lit_prune.components.layers import check_supported
+from lit_prune.components.layers import check_supported, router_outputs_off
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 LOADABLE_HINT = "Pass a hub id, a local folder with config.json, or offline:smollm2-135m."
@@ -50,7 +50,9 @@ def load_causal_lm(pretrained: str, dtype: Dtype = "auto") -> nn.Module:
     """Load a causal LM by hub id, folder or offline alias."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(resolve_pretrained(pretrained), dtype=torch_dtype(dtype))
+    model = AutoModelForCausalLM.from_pretrained(resolve_pretrained(pretrained), dtype=torch_dtype(dtype))
+    router_outputs_off(model.config)  # mixture of experts: no router aux loss while the routers are frozen
+    return model
 
 
 def load_tokenizer(pretrained: str):
@@ -66,4 +68,6 @@ def meta_model(config, dtype: Dtype = "auto") -> nn.Module:
 
     dtype = config.dtype if dtype == "auto" else torch_dtype(dtype)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    router_outputs_off(model.config)
+    return model

@@ -166,3 +166,15 @@ def test_search_step_trains_only_the_gates(model_type):
     kl_loss(teacher, student, labels=None, direction="forward").backward()
     assert gates.grad is not None and bool((gates.grad.abs() > 0).all()), "every layer's gate gets a gradient"
     assert all(p.grad is None for p in model.parameters()), "frozen experts, routers and attention get none"
+
+
+def test_loader_turns_router_outputs_off(tmp_path):
+    from lit_prune.hf import load_causal_lm, load_config, meta_model
+
+    config = tiny_config("mixtral")
+    config.output_router_logits = True
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    model = load_causal_lm(str(tmp_path), "float32")
+    assert model.config.output_router_logits is False
+    assert model(input_ids=_inputs(), labels=_inputs()).aux_loss is None
+    assert meta_model(load_config(str(tmp_path))).config.output_router_logits is False
