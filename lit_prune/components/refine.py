@@ -23,23 +23,50 @@ import torch
 from torch import nn
 
 from lit_prune.components.gating import LayerGating
-from lit_prune.components.scorers import output_kl, teacher_logits_for
+from lit_prune.components.losses import Direction
+from lit_prune.components.scorers import _mean_kl_per_mask
 
 Drop = tuple[int, ...]
 
 
 class MemoObjective:
-    """Cache an objective over drop sets; counts the distinct masks evaluated (the cost of a refinement)."""
+    """Cache an objective over drop sets; counts the distinct masks evaluated (the cost of a refinement).
 
-    def __init__(self, objective: Callable[[Drop], float]) -> None:
-        self._objective = objective
+    Args:
+        objective: Loss of one drop set.
+        many: Optional loss of several drop sets in one call (e.g. sharing the dense prefix between masks); used by
+            :meth:`many` for the masks not yet cached.
+    """
+
+    def __init__(
+        self,
+        objective: Callable[[Drop], float] | None = None,
+        many: Callable[[list[Drop]], list[float]] | None = None,
+    ) -> None:
+        if objective is None and many is None:
+            raise ValueError("Give `objective`, `many`, or both.")
+        self._objective = objective if objective is not None else (lambda drop: many([drop])[0])
+        self._many = many
         self._values: dict[Drop, float] = {}
 
+    @staticmethod
+    def _key(drop: Iterable[int]) -> Drop:
+        return tuple(sorted(int(i) for i in drop))
+
     def __call__(self, drop: Iterable[int]) -> float:
-        key = tuple(sorted(int(i) for i in drop))
+        key = self._key(drop)
         if key not in self._values:
             self._values[key] = float(self._objective(key))
         return self._values[key]
+
+    def many(self, drops: Iterable[Iterable[int]]) -> list[float]:
+        """Losses of several drop sets; the uncached ones are evaluated together."""
+        keys = [self._key(d) for d in drops]
+        todo = list(dict.fromkeys(k for k in keys if k not in self._values))
+        if todo:
+            values = self._many(todo) if self._many is not None else [self._objective(k) for k in todo]
+            self._values.update(zip(todo, (float(v) for v in values)))
+        return [self._values[k] for k in keys]
 
     @property
     def evaluations(self) -> int:
@@ -48,10 +75,11 @@ class MemoObjective:
 
 
 def _best(objective: Callable[[Drop], float], drops: Iterable[Drop]) -> tuple[Drop, float]:
-    scored = [(objective(d), d) for d in {tuple(sorted(d)) for d in drops}]
-    if not scored:
+    unique = sorted({tuple(sorted(d)) for d in drops})
+    if not unique:
         raise ValueError("No candidate mask to choose from.")
-    value, drop = min(scored)
+    values = objective.many(unique) if isinstance(objective, MemoObjective) else [objective(d) for d in unique]
+    value, drop = min(zip(values, unique))
     return drop, value
 
 
@@ -181,10 +209,11 @@ def shift_search(
                 moved[k] += step
                 if feasible(moved):
                     moves.append(moved)
-        scored = [(objective(drop_of(m)), m) for m in moves]
-        if not scored:
+        if not moves:
             return current, value, rounds
-        best_value, best = min(scored)
+        by_drop = {drop_of(m): m for m in moves}
+        best_drop, best_value = _best(objective, by_drop)
+        best = by_drop[best_drop]
         if not best_value < value:
             return current, value, rounds
         current, value = best, best_value
@@ -192,17 +221,21 @@ def shift_search(
 
 
 def mask_kl_objective(
-    model: nn.Module, gating: LayerGating, batches: Sequence[torch.Tensor], direction: str = "forward"
+    model: nn.Module, gating: LayerGating, batches: Sequence[torch.Tensor], direction: Direction = "forward"
 ) -> MemoObjective:
     """The search's own objective on fixed calibration batches: mean token KL(dense || model without ``drop``).
 
-    The dense logits are computed once; each distinct mask costs one pass over ``batches``.
+    Masks asked for together share one pass over ``batches`` (the dense prefix in front of each mask's first removed
+    layer is computed once); removed layers are skipped, not computed.
     """
-    teacher = teacher_logits_for(model, gating, batches)
-    num_layers = gating.num_layers
 
-    def kl(drop: Drop) -> float:
-        keep = [i not in drop for i in range(num_layers)]
-        return output_kl(model, gating, batches, keep, teacher, direction)
+    def many(drops: list[Drop]) -> list[float]:
+        values = [0.0] * len(drops)
+        todo = [i for i, d in enumerate(drops) if d]
+        if todo:
+            kls = _mean_kl_per_mask(model, gating, list(batches), [drops[i] for i in todo], direction, None)
+            for i, kl in zip(todo, kls):
+                values[i] = kl
+        return values
 
-    return MemoObjective(kl)
+    return MemoObjective(many=many)
