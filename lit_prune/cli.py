@@ -6,7 +6,7 @@
 - ``quantize --model DIR --method M --out DIR``: weight-quantize a (pruned) model with torchao or bitsandbytes.
 - ``evaluate --models dense=M pruned=DIR ...``: perplexity (and lm-eval accuracy) side by side, with retention.
 - ``cache-teacher``: write a dense teacher's top-K logits for the training blocks (offline KD).
-- ``assets``: prepare the offline model and corpus and print where they are.
+- ``assets``: prepare the offline models, corpus and benchmark tasks and print where they are.
 """
 
 from __future__ import annotations
@@ -80,14 +80,9 @@ def quantize_main(argv: list[str]) -> None:
 
 
 def assets_main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m lit_prune assets", description="Prepare the offline model and corpus; print their paths."
-    )
-    parser.parse_args(argv)
-    from lit_prune.assets import corpus_folder, smollm2_folder
+    from lit_prune.assets import assets_main as prepare_assets
 
-    print(f"offline:smollm2-135m  {smollm2_folder()}")
-    print(f"offline corpora       {corpus_folder()}")
+    prepare_assets(argv)
 
 
 def main(args: ArgsType = None) -> LitPruneCLI | None:
