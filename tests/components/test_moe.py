@@ -178,3 +178,35 @@ def test_loader_turns_router_outputs_off(tmp_path):
     assert model.config.output_router_logits is False
     assert model(input_ids=_inputs(), labels=_inputs()).aux_loss is None
     assert meta_model(load_config(str(tmp_path))).config.output_router_logits is False
+
+
+FSDP_WRAP_CHECK = """
+import importlib, sys, torch, torch.distributed as dist, yaml
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+from transformers import AutoModelForCausalLM
+config, checkpoint, init_file = sys.argv[1:]
+names = yaml.safe_load(open(config))["trainer"]["strategy"]["init_args"]["auto_wrap_policy"]
+classes = {getattr(importlib.import_module(n.rsplit(".", 1)[0]), n.rsplit(".", 1)[1]) for n in names}
+dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
+model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).requires_grad_(False)
+wrapped = FSDP(model, auto_wrap_policy=ModuleWrapPolicy(classes), device_id=torch.device("cpu"), use_orig_params=True)
+print(tuple(wrapped(input_ids=torch.tensor([[5, 6, 7]])).logits.shape))
+dist.destroy_process_group()
+"""
+
+
+def test_deepseek_config_wraps_the_float32_router_in_its_own_fsdp_unit(tmp_path):
+    # In a bf16 DeepSeek-V3 the router weight stays float32 (transformers keeps it so); FSDP cannot flatten it with
+    # the layer's bf16 weights. One process on the CPU (gloo) runs the same flattening as the multi-node job.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model = tiny_model("deepseek_v3")
+    model.save_pretrained(tmp_path / "model")
+    config = Path(__file__).parents[2] / "configs" / "e3_deepseek_r1.yaml"
+    run = subprocess.run([sys.executable, "-c", FSDP_WRAP_CHECK, str(config), str(tmp_path / "model"),
+                          str(tmp_path / "pg")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().endswith("(1, 3, 103)")
