@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from tiny import TINY_NUM_LAYERS, tiny_model
+from tiny import TINY_NUM_LAYERS, VOCAB, tiny_model
 
 from lit_prune.components.gating import LayerGating
 from lit_prune.components.layers import decoder_layers
@@ -384,3 +384,195 @@ def test_temporary_gating_is_removed():
     model = tiny_model("llama")
     score("sleb", model, None, _batches(), num_drop=1)
     assert all(not layer._forward_hooks for layer in decoder_layers(model))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The replaying fast path against the old gated implementation (tests/reference_scorers.py)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _assert_same_selection(new, old, rel: float = 1e-4):
+    assert new.drop == old.drop
+    assert new.method == old.method
+    if old.scores is None:
+        assert new.scores is None
+    else:
+        assert new.scores == pytest.approx(old.scores, rel=rel, abs=1e-9)
+    assert sorted(new.details) == sorted(old.details)
+    for key, value in old.details.items():
+        if key == "candidate_ppl":  # SLEB: one dict per step
+            assert [sorted(step) for step in new.details[key]] == [sorted(step) for step in value]
+            for got, want in zip(new.details[key], value):
+                assert got == pytest.approx(want, rel=rel)
+        elif isinstance(value, (dict, list, float)):
+            assert new.details[key] == pytest.approx(value, rel=rel, abs=1e-9), key
+        else:
+            assert new.details[key] == value, key
+
+
+def _confident(model_type: str, seed: int = 0):
+    # A peaked model on its own greedy text: removing a real layer clearly costs, so rankings are far from ties.
+    model = tiny_model(model_type, seed=seed)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8)
+    return model
+
+
+@pytest.mark.parametrize(
+    ("name", "model_type"),
+    [*((name, "llama") for name in sorted(SCORERS)),
+     *((name, arch) for name in ("window_scan", "kl_importance", "sleb") for arch in ("gpt2", "gemma3_text", "opt"))],
+)
+def test_every_scorer_matches_the_reference(name, model_type):
+    # Gemma3 mixes sliding and full attention: each replayed layer must get its own mask and position embeddings.
+    import reference_scorers
+
+    model = _confident(model_type)
+    batches = _self_generated_batches(model, num=2, seq=10)
+    kwargs = dict(num_drop=3, protect_first=1, protect_last=0, seed=3)
+    new = score(name, model, None, batches, **kwargs)
+    old = reference_scorers.score(name, model, None, batches, **kwargs)
+    _assert_same_selection(new, old)
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_output_kl_of_multi_segment_masks_matches_the_reference(direction, monkeypatch):
+    import reference_scorers
+
+    from lit_prune.components import scorers
+
+    model = tiny_model("qwen2", num_layers=8, seed=2)  # sliding-window layers mixed with full ones
+    gating = LayerGating(model)
+    batches = _batches(num=2, seq=11)
+    masks = [
+        [1, 2, 5],  # two segments
+        [0, 3, 7],  # first and last layer, three segments
+        [0, 1, 2, 3, 4, 5, 6],  # all but the last
+        [1, 2, 3, 4, 5, 6, 7],  # all but the first
+    ]
+    teacher = teacher_logits_for(model, gating, batches)
+    # Tiny chunks: every batch row is cut into several pieces, and chunks span rows.
+    monkeypatch.setattr(scorers, "_CHUNK_ELEMENTS", 3 * VOCAB)
+    for removed in masks:
+        keep = [i not in removed for i in range(8)]
+        want = reference_scorers.output_kl(model, gating, batches, keep, teacher, direction)
+        assert want > 1e-6
+        assert output_kl(model, gating, batches, keep, None, direction) == pytest.approx(want, rel=1e-4)
+        assert output_kl(model, gating, batches, keep, teacher, direction) == pytest.approx(want, rel=1e-4)
+    assert output_kl(model, gating, batches, [True] * 8, teacher, direction) == 0.0
+    assert output_kl(model, gating, batches, None, None, direction) == 0.0
+
+
+def test_window_scan_and_kl_importance_with_given_teacher_and_small_chunks(monkeypatch):
+    import reference_scorers
+
+    from lit_prune.components import scorers
+
+    model = _confident("llama", seed=4)
+    gating = LayerGating(model)
+    batches = _self_generated_batches(model, num=2, seq=9)
+    teacher = teacher_logits_for(model, gating, batches)
+    monkeypatch.setattr(scorers, "_CHUNK_ELEMENTS", 5 * VOCAB)
+    for direction in ("forward", "reverse"):
+        new = window_scan(model, gating, batches, 2, 0, 0, direction, teacher)
+        old = reference_scorers.window_scan(model, gating, batches, 2, 0, 0, direction, teacher)
+        _assert_same_selection(new, old)
+        assert kl_importance(model, gating, batches, direction, teacher) == pytest.approx(
+            reference_scorers.kl_importance(model, gating, batches, direction, teacher), rel=1e-4)
+    with pytest.raises(ValueError, match="does not match the model output"):
+        window_scan(model, gating, batches, 2, teacher_logits=[t[:, :-1] for t in teacher])
+    with pytest.raises(ValueError, match="`teacher_logits` has 1 entries for 2 batches"):
+        kl_importance(model, gating, batches, teacher_logits=teacher[:1])
+
+
+@pytest.mark.parametrize("name", ["window_scan", "kl_importance", "sleb"])
+def test_gated_fallback_for_sharded_models_matches_the_reference(name, monkeypatch):
+    # Sharded (FSDP) layers cannot be called on their own: the same scorers then gate every mask in a full forward.
+    import reference_scorers
+
+    from lit_prune.components import scorers
+
+    monkeypatch.setattr(scorers, "_can_replay", lambda model: False)
+    model = _confident("llama", seed=5)
+    batches = _self_generated_batches(model, num=2, seq=10)
+    kwargs = dict(num_drop=2, protect_first=1, protect_last=1)
+    _assert_same_selection(score(name, model, None, batches, **kwargs),
+                           reference_scorers.score(name, model, None, batches, **kwargs))
+
+
+def _count_layer_runs(model) -> list[int]:
+    """How often each decoder layer really computes (its MLP runs); a bypassed layer never reaches it."""
+    counts = [0] * len(decoder_layers(model))
+    for index, layer in enumerate(decoder_layers(model)):
+        layer.mlp.register_forward_hook(lambda *args, index=index: counts.__setitem__(index, counts[index] + 1))
+    return counts
+
+
+def test_removed_layers_are_not_computed_and_prefixes_are_reused():
+    model = tiny_model("llama", num_layers=8)
+    gating = LayerGating(model)
+    batches = _batches(num=2)
+    counts = _count_layer_runs(model)
+    output_kl(model, gating, batches, [i not in (2, 5) for i in range(8)])
+    # Per batch: the dense teacher (every layer) + the masked model (every layer but 2 and 5).
+    assert counts == [4, 4, 2, 4, 4, 2, 4, 4]
+
+    counts[:] = [0] * 8
+    window_scan(model, gating, batches, num_drop=3, protect_first=1, protect_last=1)
+    # Per batch: the dense pass, the prefix advanced once through layers 0..3 (up to the last start, 4), and for
+    # window [s, s+3) only the layers after it: starts 1..4 -> layers 4..7, 5..7, 6..7, 7.
+    dense, prefix, suffixes = [1] * 8, [1, 1, 1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 1, 2, 3, 4]
+    assert counts == [2 * (a + b + c) for a, b, c in zip(dense, prefix, suffixes)]
+
+    counts[:] = [0] * 8
+    kl_importance(model, gating, batches)
+    # Per batch: dense pass + prefix advance through layers 0..6 + for layer l the layers after it.
+    assert counts == [2 * (1 + 1 + 0), *[2 * (1 + 1 + i) for i in range(1, 7)], 2 * (1 + 0 + 7)]
+
+
+def test_sleb_candidates_share_their_prefix():
+    model = tiny_model("llama", num_layers=6)
+    gating = LayerGating(model)
+    batches = _batches(num=1, seq=8)
+    counts = _count_layer_runs(model)
+    selection = sleb(model, gating, batches, num_drop=2, protect_first=1, protect_last=1)
+    first = selection.details["order"][0]
+    # dense ppl: every layer once. Step 1 (candidates 1..4): prefix advanced through 0..3, candidate c runs c+1..5.
+    step1 = [sum(c < i for c in range(1, 5)) + (i < 4) for i in range(6)]
+    # Step 2: the first choice is bypassed everywhere.
+    rest = [c for c in range(1, 5) if c != first]
+    step2 = [sum(c < i for c in rest) * (i != first) + (i < max(rest) and i != first) for i in range(6)]
+    assert counts == [1 + a + b for a, b in zip(step1, step2)]
+
+
+def test_layers_are_restored_even_after_an_error():
+    from lit_prune.components import scorers
+
+    model = tiny_model("llama")
+    gating = LayerGating(model)
+    batches = _batches()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    layers = decoder_layers(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with scorers._forwards_replaced(layers, {1: scorers._pass_through, 3: broken}):
+            model(input_ids=batches[0])
+    assert all("forward" not in layer.__dict__ for layer in layers)
+    window_scan(model, gating, batches, 2)
+    assert all("forward" not in layer.__dict__ and not layer._forward_pre_hooks for layer in layers)
+    # An instance-level forward (e.g. a device-map hook) comes back as it was.
+    custom = layers[2].forward
+    layers[2].forward = custom
+    sleb(model, gating, batches, 1)
+    assert layers[2].__dict__["forward"] is custom
+
+
+def test_bad_keep_mask_raises():
+    model = tiny_model("llama")
+    gating = LayerGating(model)
+    with pytest.raises(ValueError, match=r"`keep_mask` must hold 6 booleans"):
+        output_kl(model, gating, _batches(), [True] * 5)
+    with pytest.raises(ValueError, match=r"`keep_mask` must hold 6 booleans"):
+        output_kl(model, gating, _batches(), torch.tensor([1.0, 0.5, 1.0, 1.0, 1.0, 1.0]))
