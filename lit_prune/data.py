@@ -26,10 +26,10 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from lit_prune.assets import is_offline_name, resolve_pretrained, resolve_text_source
+from lit_prune.components.losses import IGNORE_INDEX
 
 TEXT_SUFFIXES = {".txt": "text", ".md": "text", ".text": "text", ".jsonl": "json", ".json": "json",
                  ".parquet": "parquet"}
-IGNORE_INDEX = -100
 GROUP_SIZE = 1000
 
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 
-IGNORE_INDEX = -100
+from lit_prune.components.losses import IGNORE_INDEX
 
 
 def shifted_token_nll(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> tuple[Tensor, Tensor]:

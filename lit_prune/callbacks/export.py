@@ -12,7 +12,10 @@ from typing import Literal
 import lightning as L
 from typing_extensions import override
 
+from lit_prune.components.checks import check_choice
 from lit_prune.components.mask_io import save_mask
+
+ExportWhat = Literal["mask", "model", "both"]
 
 
 class ModelExport(L.Callback):
@@ -27,10 +30,9 @@ class ModelExport(L.Callback):
     """
 
     def __init__(
-        self, what: Literal["mask", "model", "both"] = "mask", dirpath: str | None = None, overwrite: bool = False
+        self, what: ExportWhat = "mask", dirpath: str | None = None, overwrite: bool = False
     ) -> None:
-        if what not in ("mask", "model", "both"):
-            raise ValueError(f"`what` must be one of 'mask', 'model', 'both', got {what!r}.")
+        check_choice(what, ExportWhat, "ModelExport(what=...)")
         self.what = what
         self.dirpath = dirpath
         self.overwrite = overwrite

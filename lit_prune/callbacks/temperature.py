@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Literal
 
 import lightning as L
 from typing_extensions import override
 
 from lit_prune.callbacks.step_schedule import StepSchedule
+from lit_prune.components.checks import check_choice
 from lit_prune.components.schedules import anneal
 
 TemperatureMode = Literal["linear", "cosine", "exp"]
@@ -45,10 +46,7 @@ class TemperatureSchedule(StepSchedule):
             raise ValueError(f"`TemperatureSchedule(start=...)` must be > 0, got start={start}.")
         if not end > 0:
             raise ValueError(f"`TemperatureSchedule(end=...)` must be > 0, got end={end}.")
-        if mode not in get_args(TemperatureMode):
-            raise ValueError(
-                f"`TemperatureSchedule(mode=...)` must be one of {get_args(TemperatureMode)}, got {mode!r}."
-            )
+        check_choice(mode, TemperatureMode, "TemperatureSchedule(mode=...)")
         if not 0.0 <= warmup_fraction < 1.0:
             raise ValueError(
                 f"`TemperatureSchedule(warmup_fraction=...)` must be in [0, 1), got warmup_fraction={warmup_fraction}."

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lit_prune.callbacks.step_schedule import StepSchedule
+from lit_prune.components.checks import check_choice
 from lit_prune.components.schedules import anneal_int, staircase
 
 TopKMode = Literal["linear", "cosine", "step"]
@@ -52,8 +53,7 @@ class TopKAnnealing(StepSchedule):
             raise ValueError(
                 f"`TopKAnnealing(warmup_fraction=...)` must be in (0, 1], got warmup_fraction={warmup_fraction}."
             )
-        if mode not in get_args(TopKMode):
-            raise ValueError(f"`TopKAnnealing(mode=...)` must be one of {get_args(TopKMode)}, got {mode!r}.")
+        check_choice(mode, TopKMode, "TopKAnnealing(mode=...)")
         if steps < 1:
             raise ValueError(f"`TopKAnnealing(steps=...)` must be >= 1, got steps={steps}.")
         super().__init__(attr=attr, total_steps=total_steps, log=log)

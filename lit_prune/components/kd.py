@@ -31,17 +31,17 @@ Defaults: ``direction="forward"``, ``weighting="normalized"``, ``beta=1.0`` (use
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lit_prune.components.losses import Direction, kl_from_log_probs, scored_positions, token_entropy
+from lit_prune.components.checks import check_choice
+from lit_prune.components.losses import IGNORE_INDEX, Direction, kl_from_log_probs, scored_positions, token_entropy
 
 Weighting = Literal["normalized", "linear", "none"]
 Teacher = Tensor | tuple[Tensor, Tensor]
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -71,13 +71,6 @@ class KDTerms:
         """Mean of ``values`` over the scored tokens (for logging)."""
         mask = self.mask.to(values.dtype)
         return (values * mask).sum() / mask.sum().clamp(min=1)
-
-
-def check_choice(value: str, allowed: type, key: str) -> None:
-    """Raise a clear error when ``value`` is not one of the Literal ``allowed``."""
-    choices = get_args(allowed)
-    if value not in choices:
-        raise ValueError(f"`{key}` must be one of {list(choices)}, got {value!r}.")
 
 
 def weights_from_entropy(

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 Direction = Literal["forward", "reverse"]
+# Label of a token that is not scored (prompt tokens, padding); the value transformers and torch use.
+IGNORE_INDEX = -100
 
 
 def token_kl(
@@ -70,7 +72,7 @@ def scored_positions(labels: Tensor | None, shape: torch.Size, ignore_index: int
     return mask
 
 
-def next_token_ce(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+def next_token_ce(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """Mean next-token cross-entropy (labels aligned with inputs; shifted here)."""
     return F.cross_entropy(
         logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1), ignore_index=ignore_index
@@ -83,7 +85,7 @@ def kl_loss(
     labels: Tensor | None = None,
     direction: Direction = "forward",
     temperature: float = 1.0,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     chunk_tokens: int | None = None,
 ) -> Tensor:
     """Mean token KL over the positions that predict a scored label (all positions when ``labels`` is None).

@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 from typing import Literal, get_args
 
+from lit_prune.components.checks import check_choice
+
 AnnealMode = Literal["linear", "cosine", "exp", "constant"]
 ANNEAL_MODES: tuple[str, ...] = get_args(AnnealMode)
 
@@ -46,8 +48,7 @@ def anneal(start: float, end: float, progress: float, mode: AnnealMode) -> float
     Raises:
         ValueError: On an unknown ``mode``, a nan ``progress``, or ``exp`` with a non-positive ``start``/``end``.
     """
-    if mode not in ANNEAL_MODES:
-        raise ValueError(f"`mode` must be one of {list(ANNEAL_MODES)}, got {mode!r}.")
+    check_choice(mode, ANNEAL_MODES, "mode")
     if mode == "exp" and (start <= 0 or end <= 0):
         raise ValueError(
             f"`mode='exp'` interpolates geometrically and needs `start > 0` and `end > 0`, got start={start}, "

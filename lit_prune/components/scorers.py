@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,8 +46,7 @@ from torch import Tensor, nn
 
 from lit_prune.components.gating import LayerGating
 from lit_prune.components.layers import decoder_layers, unwrap
-
-Direction = Literal["forward", "reverse"]
+from lit_prune.components.losses import Direction
 
 
 @dataclass

@@ -25,6 +25,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 
 from lit_prune.assets import canonical_model_id
+from lit_prune.components.checks import check_choice
 from lit_prune.components.gating import LayerGating
 from lit_prune.components.mask_io import MaskArtifact
 from lit_prune.components.scorers import SCORERS, LayerSelection, candidate_layers, score
@@ -65,8 +66,7 @@ class Baseline(PruneStage):
         optimizer: OptimizerCallable = torch.optim.AdamW,
     ) -> None:
         super().__init__(pretrained, dtype=dtype, optimizer=optimizer)
-        if method not in SCORERS:
-            raise ValueError(f"`model.init_args.method` must be one of {sorted(SCORERS)}, got {method!r}.")
+        check_choice(method, sorted(SCORERS), "model.init_args.method")
         if num_drop is not None and ratio is not None:
             ratio = None
         self.num_drop = num_drop_from(ratio, num_drop, self.num_layers, pretrained)

@@ -20,7 +20,8 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 
 from lit_prune.assets import canonical_model_id
-from lit_prune.components.kd import Teacher, Weighting, check_choice, entropy_aware_kd_terms, topk_teacher
+from lit_prune.components.checks import check_choice
+from lit_prune.components.kd import Teacher, Weighting, entropy_aware_kd_terms, topk_teacher
 from lit_prune.components.layers import decoder_layers
 from lit_prune.components.losses import Direction, next_token_ce
 from lit_prune.components.teacher_cache import TeacherCacheError, TopKCache

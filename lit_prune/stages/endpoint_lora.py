@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from lit_prune import hf
 from lit_prune.assets import canonical_model_id, resolve_pretrained
-from lit_prune.components.kd import check_choice
+from lit_prune.components.checks import check_choice
 from lit_prune.components.layers import LAYER_PATHS, decoder_layers, unwrap
 from lit_prune.components.losses import kl_loss, next_token_ce
 from lit_prune.components.mask_io import MaskArtifact, MaskError, load_mask
