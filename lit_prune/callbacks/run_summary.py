@@ -1,5 +1,9 @@
-"""Make TensorBoard compare runs: the sweepable hyperparameters, a real ``hp_metric``, and an optional baseline line.
+"""Make TensorBoard tell a run's story: headline cards first, a baseline line, and runs compared in the HParams tab.
 
+- **Headline cards.** TensorBoard orders card groups by name, case-sensitively, so ``val/*`` comes after ``mask/*``
+  (31 per-layer gate cards), ``schedule/*`` and ``train/*``. After every validation the headline metrics (``val/kl``
+  and ``val/ppl`` by default) are repeated under ``Summary/`` (capital S: sorted before every lowercase group), so
+  the first screen shows them.
 - **HParams tab.** At fit start (rank 0) the run's hyperparameters that people sweep are written as an HParams
   session: the layer budget, gate, KL/KD settings, schedules, optimizer and learning rate, teacher cache. ``hp_metric``
   is the latest value of the run's headline metric, logged after every validation and at the end of training, so
@@ -7,7 +11,8 @@
 - **Reference line** (opt-in, ``reference: window_scan``). Before the first step, every contiguous window of
   ``num_drop`` layers is scored on the validation blocks (the exact optimum of a single-segment search on them), and
   the best window's KL and perplexity go to a sibling run ``<version>/reference_window_scan`` under the same tags
-  ``val/kl`` and ``val/ppl``: TensorBoard draws them as a flat line in the very charts of the search::
+  (``val/kl``, ``val/ppl`` and their ``Summary/`` copies): TensorBoard draws them as a flat line in the very charts of
+  the search::
 
       val/kl  |  \\___ search (version_0)
               |  ------------------------ reference_window_scan (best contiguous window on these blocks)
@@ -45,6 +50,8 @@ MODULE_ATTRS = (
     "train_scope", "lora_layers", "width", "r", "alpha", "dropout",
 )
 METRIC_ORDER = ("val/kl", "val/ppl", "train/loss")  # search, recovery, no validation
+HEADLINE = ("val/kl", "val/ppl")
+HEADLINE_GROUP = "Summary"  # capital: TensorBoard sorts it before every lowercase group
 SCHEDULE_FIELDS = ("start", "end", "mode", "warmup_fraction")
 REFERENCE_RUN = "reference_window_scan"
 
@@ -63,6 +70,8 @@ class RunSummary(L.Callback):
             validation blocks and draw its ``val/kl`` and ``val/ppl`` as a flat reference line (costs one pass over
             the validation blocks per window; search stages only). ``none``: no reference.
         module_attrs: Module attributes logged as hyperparameters when present (numbers, strings, bools).
+        headline: Metrics repeated under ``Summary/`` after every validation (those the run logs), so they lead the
+            first screen; empty for none.
     """
 
     def __init__(
@@ -70,6 +79,7 @@ class RunSummary(L.Callback):
         metric: str = "auto",
         reference: Reference = "none",
         module_attrs: Sequence[str] = MODULE_ATTRS,
+        headline: Sequence[str] = HEADLINE,
     ) -> None:
         if reference not in ("none", "window_scan"):
             raise ValueError(
@@ -81,6 +91,7 @@ class RunSummary(L.Callback):
         self.metric = metric
         self.reference = reference
         self.module_attrs = list(module_attrs)
+        self.headline = list(headline)
         self.reference_values: dict[str, Any] | None = None
         self._metric_used: str | None = None
 
@@ -176,6 +187,11 @@ class RunSummary(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking and trainer.state.fn == "fit":
             self._log_hp_metric(trainer)
+            values = {f"{HEADLINE_GROUP}/{m}": float(trainer.callback_metrics[m]) for m in self.headline
+                      if m in trainer.callback_metrics}
+            for logger in _tensorboards(trainer):
+                if values:
+                    logger.log_metrics(values, step=trainer.global_step)
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -290,8 +306,9 @@ def _write_reference(logger: TensorBoardLogger, values: dict[str, Any], horizon:
     writer = SummaryWriter(os.path.join(logger.log_dir, REFERENCE_RUN))
     try:
         for step in (0, max(horizon, 1)):
-            writer.add_scalar("val/kl", values["kl"], step)
-            writer.add_scalar("val/ppl", values["ppl"], step)
+            for tag in ("val/kl", "val/ppl"):
+                writer.add_scalar(tag, values[tag[4:]], step)
+                writer.add_scalar(f"{HEADLINE_GROUP}/{tag}", values[tag[4:]], step)
         writer.add_text(
             "reference",
             f"window_scan: best contiguous window {segments} of {len(values['drop'])} layers on the "

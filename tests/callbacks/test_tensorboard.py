@@ -63,6 +63,9 @@ def test_search_run_tags_have_no_placeholders(search_run):
     scalars = set(tags["scalars"])
     assert {"val/kl", "val/ppl", "train/loss", "hp_metric", "schedule/temperature", "mask/num_dropped"} <= scalars
     assert "epoch" not in scalars
+    # TensorBoard sorts groups case-sensitively: the capitalised headline group leads the first screen.
+    groups = sorted({tag.split("/")[0] for tag in scalars})
+    assert groups[0] == "Summary" and {"Summary/val/kl", "Summary/val/ppl"} <= scalars
     assert tags["images"] == ["mask/heatmap"]
     assert "reference/window_scan/text_summary" in tags["tensors"]
 
@@ -83,6 +86,9 @@ def test_hp_metric_is_the_latest_val_kl(search_run):
     # after each validation (global steps 3 and 6) and at the end of training (step 6 again)
     assert [e.step for e in hp_metric] == [3, STEPS, STEPS]
     assert [e.value for e in hp_metric] == pytest.approx([val_kl[0].value, val_kl[1].value, val_kl[1].value])
+    headline = events.Scalars("Summary/val/kl")
+    assert [e.step for e in headline] == [3, STEPS]
+    assert [e.value for e in headline] == pytest.approx([e.value for e in val_kl])
 
 
 def test_hparams_are_the_sweepable_settings(search_run):
@@ -104,6 +110,7 @@ def test_window_scan_reference_is_a_flat_line_at_the_best_window(search_run):
     reference = _events(search_run / "reference_window_scan")
     kl = reference.Scalars("val/kl")
     assert [e.step for e in kl] == [0, STEPS]
+    assert [e.value for e in reference.Scalars("Summary/val/kl")] == [e.value for e in kl]
     assert kl[0].value == kl[1].value > 0
     ppl = reference.Scalars("val/ppl")
     assert len(ppl) == 2 and ppl[0].value == ppl[1].value > 1
