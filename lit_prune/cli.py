@@ -42,13 +42,25 @@ def export_main(argv: list[str]) -> None:
     parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty output folder.")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--allow-model-mismatch", action="store_true", help="Accept a mask made for another model id.")
+    parser.add_argument("--compensate", choices=["linear"], default=None,
+                        help="Training-free: fold a least-squares map into the layer before each cut.")
+    parser.add_argument("--calib-text", nargs="+", default=["offline:britannica"],
+                        help="Calibration text files or offline corpora (their last 10%% is never read).")
+    parser.add_argument("--calib-tokens", type=int, default=16384, help="Calibration tokens for --compensate.")
+    parser.add_argument("--ridge", type=float, default=0.0, help="Relative ridge of the least squares (0: none).")
     args = parser.parse_args(argv)
     from lit_prune.components.checkpoint import export_from_mask
     from lit_prune.components.mask_io import load_mask
 
     artifact = load_mask(args.mask)
-    out = export_from_mask(args.model, artifact, args.out, args.overwrite, args.dtype, args.allow_model_mismatch)
+    out = export_from_mask(args.model, artifact, args.out, args.overwrite, args.dtype, args.allow_model_mismatch,
+                           args.compensate, tuple(args.calib_text), args.calib_tokens, args.ridge)
     print(f"{artifact.describe()}\nwrote {out}")
+    if args.compensate:
+        for seg in load_mask(f"{out}/mask.json").extra["compensation"]["segments"]:
+            before, after = seg["calib_relative_error"]
+            print(f"segment {seg['segment']}: map folded into layer {seg['folded_into_layer']}; calibration "
+                  f"relative error {before:.4f} -> {after:.4f}")
 
 
 def quantize_main(argv: list[str]) -> None:

@@ -307,3 +307,58 @@ def calibration_blocks(
             f"holding out {val_fraction:.0%}. Pass more text."
         )
     return train[: math.ceil(num_tokens / max_length)]
+
+
+DEFAULT_CALIB_TEXT = ("offline:britannica",)
+
+
+def resolve_calibration_files(calib_text: Sequence[str | Path], key: str = "--calib-text") -> list[str]:
+    """Offline corpus aliases and plain paths -> existing text files (checked before any weights load)."""
+    from lit_prune.assets import is_offline_name, resolve_text_source
+
+    files: list[str] = []
+    for name in calib_text:
+        found = resolve_text_source(str(name)) if is_offline_name(str(name)) else [str(name)]
+        missing = [f for f in found if not Path(f).is_file()]
+        if missing:
+            raise CompensationError(
+                f"`{key}` entry {str(name)!r} is not a readable text file. Pass plain-text files or an offline corpus "
+                "(offline:britannica, offline:shakespeare)."
+            )
+        files.extend(found)
+    if not files:
+        raise CompensationError(f"`{key}` is empty. Pass at least one text file, e.g. offline:britannica.")
+    return files
+
+
+def check_options(
+    config, drop: Sequence[int], method: str, calib_text: Sequence[str | Path], calib_tokens: int, ridge: float
+) -> list[str]:
+    """Validate every compensation option from the config alone; return the calibration files."""
+    if method not in METHODS:
+        raise CompensationError(f"`--compensate` must be one of {', '.join(METHODS)}, got {method!r}.")
+    if isinstance(calib_tokens, bool) or not isinstance(calib_tokens, int) or calib_tokens < 1:
+        raise CompensationError(f"`--calib-tokens` must be an integer >= 1, got {calib_tokens!r}; e.g. 16384.")
+    solve_map(torch.eye(1, dtype=torch.float64), torch.eye(1, dtype=torch.float64), ridge)
+    check_compensable(config, drop)
+    return resolve_calibration_files(calib_text)
+
+
+def compensate_from_text(
+    model: nn.Module, tokenizer, drop: Sequence[int], files: Sequence[str | Path], calib_tokens: int,
+    ridge: float = 0.0, max_length: int = 256, batch_size: int = 4,
+) -> dict:
+    """Calibrate on the training part of ``files`` and fold the maps into ``model``; return a JSON-able report."""
+    config = unwrap(model).config
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    blocks = calibration_blocks(tokenizer, files, calib_tokens, min(max_length, context or max_length))
+    fits = compensate_linear(model, drop, blocks.split(batch_size), ridge)
+    return {
+        "method": "linear",
+        "calib_files": [Path(f).name for f in files],
+        "calib_tokens": int(blocks.numel()),
+        "ridge": ridge,
+        "segments": [{"segment": [f.start, f.end], "folded_into_layer": f.layer,
+                      "calib_relative_error": [round(f.relative_error(), 6), round(f.relative_error(f.transform), 6)]}
+                     for f in fits],
+    }

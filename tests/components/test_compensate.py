@@ -152,3 +152,54 @@ def test_calibration_blocks_never_read_the_held_out_tail(tmp_path):
     assert calibration_blocks(tokenizer, [text], 150, max_length=100).shape == (2, 100)  # rounded up to blocks
     with pytest.raises(CompensationError, match="calib_tokens"):
         calibration_blocks(tokenizer, [text], 0)
+
+
+def test_compensated_export_reloads_with_the_same_shapes_and_outputs(tiny_checkpoint, tiny_text, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from lit_prune.cli import main
+    from lit_prune.components.checkpoint import export_from_mask
+    from lit_prune.components.compensate import compensate_from_text
+    from lit_prune.components.mask_io import MaskArtifact, load_mask, save_mask
+
+    artifact = MaskArtifact(model=str(tiny_checkpoint), num_layers=6, drop=[2, 3])
+    plain = export_from_mask(str(tiny_checkpoint), artifact, tmp_path / "plain")
+    save_mask(tmp_path / "mask.json", artifact)
+    main(["export", "--model", str(tiny_checkpoint), "--mask", str(tmp_path / "mask.json"), "--out",
+          str(tmp_path / "comp"), "--compensate", "linear", "--calib-text", str(tiny_text), "--calib-tokens", "512"])
+    assert "map folded into layer 1" in capsys.readouterr().out
+    report = load_mask(tmp_path / "comp" / "mask.json").extra["compensation"]
+    assert report["calib_tokens"] == 512 and report["segments"][0]["segment"] == [2, 4]
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "comp")
+    plain_model = AutoModelForCausalLM.from_pretrained(plain)
+    assert {k: v.shape for k, v in reloaded.state_dict().items()} == {
+        k: v.shape for k, v in plain_model.state_dict().items()}
+    assert reloaded.config.num_hidden_layers == 4
+    expected = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+    compensate_from_text(expected, char_tokenizer(), [2, 3], [tiny_text], 512)
+    drop_layers(expected, [2, 3])
+    ids = random_batches(1)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected(input_ids=ids).logits)
+        assert not torch.allclose(reloaded(input_ids=ids).logits, plain_model(input_ids=ids).logits)
+
+
+def test_export_refuses_gemma3_before_any_weights_load(tmp_path, tiny_text):
+    from lit_prune.components.checkpoint import export_from_mask
+    from lit_prune.components.mask_io import MaskArtifact
+
+    folder = tmp_path / "gemma3-config-only"  # no weights: loading them would fail with another error
+    tiny_config("gemma3_text").save_pretrained(folder)
+    artifact = MaskArtifact(model=str(folder), num_layers=6, drop=[2, 3])
+    with pytest.raises(CompensationError, match="gemma3_text.*post_feedforward_layernorm"):
+        export_from_mask(str(folder), artifact, tmp_path / "out", compensate="linear", calib_text=(str(tiny_text),))
+    llama = tmp_path / "llama-config-only"
+    tiny_config("llama").save_pretrained(llama)
+    artifact = MaskArtifact(model=str(llama), num_layers=6, drop=[2, 3])
+    with pytest.raises(CompensationError, match="calib-text.*nope.txt"):
+        export_from_mask(str(llama), artifact, tmp_path / "out", compensate="linear", calib_text=("nope.txt",))
+    with pytest.raises(CompensationError, match="calib-tokens"):
+        export_from_mask(str(llama), artifact, tmp_path / "out", compensate="linear", calib_text=(str(tiny_text),),
+                         calib_tokens=0)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
