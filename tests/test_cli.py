@@ -33,9 +33,19 @@ def test_help_lists_subcommands_and_other_commands(capsys):
 
 def test_stage_help_shows_docstring(capsys):
     with pytest.raises(SystemExit):
-        main(["validate", "--model.help", "lit_prune.Evaluate"])
+        main(["validate", "--model.help", "lit_prune.Perplexity"])
     out = " ".join(capsys.readouterr().out.split())
     assert "keeps them and zeroes their residual update" in out
+
+
+def test_evaluate_stage_is_a_deprecated_alias_of_perplexity():
+    import lit_prune
+    import lit_prune.stages
+
+    with pytest.deprecated_call(match="renamed `lit_prune.Perplexity`"):
+        assert lit_prune.Evaluate is lit_prune.Perplexity
+    with pytest.deprecated_call(match="renamed `lit_prune.stages.Perplexity`"):
+        assert lit_prune.stages.Evaluate is lit_prune.Perplexity
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)

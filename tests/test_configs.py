@@ -51,7 +51,7 @@ def test_config_runs_on_tiny_model(config, tiny_checkpoint, tiny_text, tmp_path,
     model_type = TINY_MODEL_TYPES.get(config.stem)
     pretrained = request.getfixturevalue("tiny_checkpoint_of")(model_type) if model_type else tiny_checkpoint
     args = [
-        "validate" if stage == "lit_prune.Evaluate" else "fit",
+        "validate" if stage == "lit_prune.Perplexity" else "fit",
         "-c", str(config),
         f"--model.init_args.pretrained={pretrained}",
         "--model.init_args.dtype=float32",
@@ -89,7 +89,7 @@ def test_config_runs_on_tiny_model(config, tiny_checkpoint, tiny_text, tmp_path,
         args.append("--model.init_args.importance_batches=1")
     cli = main(args)
     assert cli.model.config.model_type == (model_type or "llama")
-    if stage == "lit_prune.Evaluate":
+    if stage == "lit_prune.Perplexity":
         assert cli.trainer.callback_metrics["val/ppl"] > 1
         return
     masks = list(tmp_path.rglob("mask.json"))

@@ -116,3 +116,18 @@ def kl_loss(
         for i in range(0, teacher.size(0), chunk_tokens)
     )
     return total / weights.sum().clamp(min=1) * temperature**2
+
+
+def kd_ce_mix(ce: Tensor, kd: Tensor | None, kd_share: float) -> Tensor:
+    """The recovery objective ``(1 - kd_share) * CE + kd_share * KD``, with ``kd_share`` in [0, 1].
+
+    At the ends a term is returned as it is: ``kd_share`` 1 is pure KD, 0 pure CE (``kd`` may then be None, so no
+    teacher needs to run).
+    """
+    if kd_share == 0.0:
+        return ce
+    if kd is None:
+        raise ValueError(f"`kd_share`={kd_share} weights a KD term, but none was computed.")
+    if kd_share == 1.0:
+        return kd
+    return (1.0 - kd_share) * ce + kd_share * kd

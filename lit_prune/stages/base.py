@@ -5,12 +5,13 @@
 - an injected optimizer factory (``OptimizerCallable``) over whatever the stage marks trainable;
 - ``val/loss`` and ``val/ppl`` on the validation split, so ``validate`` reports perplexity for any stage.
 
-Capabilities that reusable callbacks rely on are small Protocols, not concrete classes.
+Reusable callbacks rely on small capabilities (an attribute such as ``temperature`` or ``k``, a method such as
+``mask_artifact()``), never on these classes; each callback checks the one it needs in ``setup``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import lightning as L
 import torch
@@ -29,19 +30,28 @@ from lit_prune.stages.distributed import (
 )
 
 
-@runtime_checkable
-class Tempered(Protocol):
-    """Has a float ``temperature`` that a TemperatureSchedule may drive."""
-
-    temperature: float
-
-
-@runtime_checkable
-class TopKBudget(Protocol):
-    """Has an integer budget ``k`` (layers dropped now) and its final value ``k_target``."""
-
-    k: int
-    k_target: int
+def num_drop_from(ratio: float | None, num_drop: int | None, num_layers: int, pretrained: str) -> int:
+    """Resolve the layer budget from ``ratio`` or ``num_drop`` (exactly one), with errors in config keys."""
+    if (ratio is None) == (num_drop is None):
+        raise ValueError(
+            "Set exactly one of `model.init_args.ratio` (fraction of decoder layers to drop) and "
+            f"`model.init_args.num_drop` (a layer count); got ratio={ratio}, num_drop={num_drop}."
+        )
+    if ratio is not None:
+        if not 0.0 < ratio < 1.0:
+            raise ValueError(f"`model.init_args.ratio` must be in (0, 1), got {ratio}. E.g. 0.25 drops a quarter.")
+        num_drop = round(ratio * num_layers)
+        if num_drop < 1:
+            raise ValueError(
+                f"`model.init_args.ratio`={ratio} drops round({ratio} * {num_layers}) = 0 layers of {pretrained!r}. "
+                f"Use a ratio >= {0.5 / num_layers:.3f}."
+            )
+    if not 1 <= num_drop <= num_layers - 1:
+        raise ValueError(
+            f"`model.init_args.num_drop` must be in [1, {num_layers - 1}] for {pretrained!r} ({num_layers} decoder "
+            f"layers), got {num_drop}."
+        )
+    return num_drop
 
 
 def save_gated_as_pruned(stage: PruneStage, out_dir: str, overwrite: bool = False) -> None:

@@ -30,8 +30,7 @@ from lit_prune.components.gating import LayerGating
 from lit_prune.components.mask_io import MaskArtifact
 from lit_prune.components.scorers import SCORERS, LayerSelection, candidate_layers, score
 from lit_prune.hf import Dtype
-from lit_prune.stages.base import PruneStage, save_gated_as_pruned, strip_frozen_model
-from lit_prune.stages.mask_search import num_drop_from
+from lit_prune.stages.base import PruneStage, num_drop_from, save_gated_as_pruned, strip_frozen_model
 
 BaselineMethod = Literal["block_influence", "angular", "sleb", "tail", "random", "window_scan", "kl_importance"]
 

@@ -4,7 +4,7 @@ One training step on a batch ``x``::
 
     teacher = dense(x) under no_grad        (online, `teacher`)        or  cache.lookup(x)  (`teacher_cache`, top-K)
     student = pruned(x)                     trainable: all weights | LoRA (all kept layers or endpoints) | endpoints
-    loss = (1 - ce_weight) * entropy_aware_kd(student, teacher) + ce_weight * CE(student, x)
+    loss = kd_share * entropy_aware_kd(student, teacher) + (1 - kd_share) * CE(student, x)
 
 The KD term weights every token's KL by the teacher's entropy there (``lit_prune.components.kd``). With
 ``teacher_cache`` no teacher is loaded at all: build the cache once with ``python -m lit_prune cache-teacher`` on the
@@ -15,24 +15,16 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import torch
-from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 
 from lit_prune.assets import canonical_model_id
 from lit_prune.components.checks import check_choice
 from lit_prune.components.kd import Teacher, Weighting, entropy_aware_kd_terms, topk_teacher
 from lit_prune.components.layers import decoder_layers
-from lit_prune.components.losses import Direction, next_token_ce
+from lit_prune.components.losses import Direction, kd_ce_mix, next_token_ce
 from lit_prune.components.teacher_cache import TeacherCacheError, TopKCache
-from lit_prune.hf import Dtype
-from lit_prune.stages.endpoint_lora import (
-    LLAMA_PROJECTIONS,
-    RecoveryStage,
-    add_lora,
-    check_lora_hparams,
-    check_lora_options,
-)
+from lit_prune.deprecation import renamed_key
+from lit_prune.stages.recovery import RecoveryStage, check_share
 
 TrainScope = Literal["all", "lora", "endpoints"]
 LoraLayers = Literal["all", "endpoints"]
@@ -41,78 +33,61 @@ LoraLayers = Literal["all", "endpoints"]
 class Distill(RecoveryStage):
     """Distill a dense teacher into the layer-pruned student, weighting each token's KL by the teacher's entropy.
 
+    The student, teacher, endpoint and LoRA settings (``teacher``, ``kd_temperature``, ``width``,
+    ``endpoint_layers_override``, ``target_modules``, ``r``, ``alpha``, ``dropout``, ``lora_options``, ...) are
+    those of :class:`~lit_prune.stages.recovery.RecoveryStage`; set ``teacher`` or ``teacher_cache``.
+
     Args:
         pretrained: Student source: the dense model (with ``mask``) or an already pruned folder (``mask`` null);
             also feeds ``data.tokenizer``.
         mask: ``mask.json`` of the layers to drop from ``pretrained``; null when ``pretrained`` is already pruned.
-        teacher: Dense teacher id or folder, run online (frozen); set this or ``teacher_cache``.
         teacher_cache: Folder of cached teacher top-K logits (``python -m lit_prune cache-teacher``); no teacher is
             loaded. Set this or ``teacher``.
         teacher_k: Top-K of the teacher: with ``teacher``, restrict it to its K largest logits (as a cache would);
             with ``teacher_cache``, the K the cache must have. Null: full logits / the cache's K.
-        ce_weight: Share of next-token cross-entropy: ``(1 - ce_weight) * KD + ce_weight * CE``; 1 = plain CE.
-        direction: ``forward`` = KL(teacher || student), ``reverse`` = KL(student || teacher).
+        kd_share: Share of the KD term: ``(1 - kd_share) * CE + kd_share * KD``; 1 = pure KD, 0 = plain CE (then no
+            teacher is loaded).
+        kl_direction: ``forward`` = KL(teacher || student), ``reverse`` = KL(student || teacher).
         weighting: Per-token weight from the teacher entropy H: ``normalized`` = H / mean(H) (mean 1), ``linear`` =
             1 + beta * H, ``none`` = plain KD.
         beta: Slope of the ``linear`` weighting.
-        kd_temperature: KD softmax temperature (``temperature`` for TemperatureSchedule).
         train: What trains: ``all`` weights, ``lora`` adapters (on ``lora_layers``), or ``endpoints`` (full weights
             of the layers next to each cut).
         lora_layers: With ``train: lora``: every kept layer (``all``) or only the endpoint layers.
-        width: Kept layers on each side of every cut that count as endpoints.
-        endpoint_layers_override: Post-surgery indices of the endpoint layers, replacing those derived from the mask.
-        target_modules: Module names (suffixes) that get LoRA; default: the Llama-like attention and MLP projections.
-        r: LoRA rank.
-        alpha: LoRA scaling numerator (``lora_alpha``).
-        dropout: Dropout on the LoRA input.
-        lora_options: Extra ``peft.LoraConfig`` fields; ``layers_to_transform``/``layers_pattern`` are derived.
-        allow_model_mismatch: Accept a mask or cache whose model id differs from the student's source model.
-        save_adapter: Also write the LoRA adapter (peft format, for the pruned model) to ``<export>/adapter``.
-        dtype: Dtype the weights (student and teacher) are loaded in.
-        optimizer: Optimizer factory for the trainable parameters.
-        gradient_checkpointing: Recompute layer activations in the backward pass to save memory.
+        ce_weight: Deprecated: the share of CE, ``1 - kd_share``; accepted for one release and converted.
+        direction: Deprecated name of ``kl_direction``; accepted for one release.
     """
 
     def __init__(
         self,
         pretrained: str,
         mask: str | None = None,
-        teacher: str | None = None,
+        *,
         teacher_cache: str | None = None,
         teacher_k: int | None = None,
-        ce_weight: float = 0.0,
-        direction: Direction = "forward",
+        kd_share: float = 1.0,
+        kl_direction: Direction = "forward",
         weighting: Weighting = "normalized",
         beta: float = 1.0,
-        kd_temperature: float = 1.0,
         train: TrainScope = "lora",
         lora_layers: LoraLayers = "all",
-        width: int = 1,
-        endpoint_layers_override: list[int] | None = None,
-        target_modules: list[str] | None = None,
-        r: int = 16,
-        alpha: float = 32.0,
-        dropout: float = 0.05,
-        lora_options: dict[str, Any] | None = None,
-        allow_model_mismatch: bool = False,
-        save_adapter: bool = False,
-        dtype: Dtype = "auto",
-        optimizer: OptimizerCallable = torch.optim.AdamW,
-        gradient_checkpointing: bool = False,
+        ce_weight: float | None = None,
+        direction: Direction | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            pretrained, mask=mask, width=width, endpoint_layers_override=endpoint_layers_override,
-            allow_model_mismatch=allow_model_mismatch, save_adapter=save_adapter, dtype=dtype, optimizer=optimizer,
-            gradient_checkpointing=gradient_checkpointing,
-        )
-        check_choice(direction, Direction, "model.init_args.direction")
+        if ce_weight is not None:
+            check_share(ce_weight, "model.init_args.ce_weight")
+            kd_share = renamed_key("ce_weight", ce_weight, "kd_share", kd_share, 1.0, 1.0 - ce_weight)
+        if direction is not None:
+            check_choice(direction, Direction, "model.init_args.direction")
+        kl_direction = renamed_key("direction", direction, "kl_direction", kl_direction, "forward", direction)
+        super().__init__(pretrained, mask, **kwargs)
+        teacher = self.teacher
+        check_choice(kl_direction, Direction, "model.init_args.kl_direction")
         check_choice(weighting, Weighting, "model.init_args.weighting")
         check_choice(train, TrainScope, "model.init_args.train")
         check_choice(lora_layers, LoraLayers, "model.init_args.lora_layers")
-        if not 0.0 <= ce_weight <= 1.0:
-            raise ValueError(f"`model.init_args.ce_weight` must be in [0, 1], got {ce_weight}.")
-        if not kd_temperature > 0:
-            raise ValueError(f"`model.init_args.kd_temperature` must be > 0, got {kd_temperature}.")
+        self.kd_share = check_share(kd_share, "model.init_args.kd_share")
         if weighting == "linear" and beta < 0:
             raise ValueError(f"`model.init_args.beta` must be >= 0 (weights 1 + beta * H stay positive), got {beta}.")
         if teacher_k is not None and (isinstance(teacher_k, bool) or teacher_k < 1):
@@ -123,7 +98,7 @@ class Distill(RecoveryStage):
                 f"`model.init_args.teacher_cache` (a cache-teacher folder); got teacher={teacher!r}, "
                 f"teacher_cache={teacher_cache!r}."
             )
-        self.teacher, self.teacher_k = teacher, teacher_k
+        self.teacher_k = teacher_k
         self.cache: TopKCache | None = None
         if teacher is not None:
             config = self.check_teacher(teacher)
@@ -139,22 +114,16 @@ class Distill(RecoveryStage):
             source = self.mask.model if self.mask is not None else canonical_model_id(pretrained)
             self.cache.check_compatible(
                 vocab_size=int(self.config.vocab_size), k=teacher_k, model=source,
-                allow_model_mismatch=allow_model_mismatch,
+                allow_model_mismatch=self.allow_model_mismatch,
             )
-        self.ce_weight, self.direction, self.weighting, self.beta = ce_weight, direction, weighting, beta
-        self.kd_temperature = float(kd_temperature)
+        self.kl_direction, self.weighting, self.beta = kl_direction, weighting, beta
         self.train_scope, self.lora_layers = train, lora_layers
-        self.target_modules = list(target_modules) if target_modules is not None else list(LLAMA_PROJECTIONS)
-        self.r, self.alpha, self.dropout = r, alpha, dropout
-        self.lora_options: dict[str, Any] = {}
         if train == "endpoints":
             self.require_endpoints("`model.init_args.train: endpoints`")
         if train == "lora":
-            check_lora_hparams(r, alpha, dropout)
-            self.lora_options = check_lora_options(lora_options)
             layers = self.require_endpoints("`model.init_args.lora_layers: endpoints`") if lora_layers == "endpoints" \
                 else None
-            self.check_targets_early(layers, self.target_modules)
+            self.check_lora(layers)
 
     def adds_lora(self) -> bool:
         return self.train_scope == "lora"
@@ -169,7 +138,7 @@ class Distill(RecoveryStage):
 
     def on_model_loaded(self) -> None:
         self.build_student()
-        if self.teacher is not None and self.ce_weight < 1.0:  # ce_weight 1 is plain CE: no teacher needed
+        if self.teacher is not None and self.kd_share > 0:  # kd_share 0 is plain CE: no teacher needed
             self.load_teacher(self.teacher)
         self.train(self.training)  # from_pretrained returns eval mode; LoRA dropout needs train mode (teacher: eval)
 
@@ -184,10 +153,7 @@ class Distill(RecoveryStage):
                 for param in layers[index].parameters():
                     param.requires_grad_(True)
         else:
-            layers = self.endpoints if self.lora_layers == "endpoints" else None
-            self.model = add_lora(
-                self.model, layers, self.target_modules, self.r, self.alpha, self.dropout, self.lora_options
-            )
+            self.wrap_lora(self.endpoints if self.lora_layers == "endpoints" else None)
 
     def teacher_outputs(self, input_ids: Tensor) -> Teacher:
         """Full teacher logits, or a top-K pair (from the cache, or the online teacher cut to ``teacher_k``)."""
@@ -204,14 +170,13 @@ class Distill(RecoveryStage):
         logits = self(input_ids)
         ce = next_token_ce(logits, labels)
         logs = {"train/ce": ce}
-        loss = self.ce_weight * ce
-        if self.ce_weight < 1.0:
+        kd = None
+        if self.kd_share > 0:
             terms = entropy_aware_kd_terms(
-                logits, self.teacher_outputs(input_ids), labels, self.direction, self.kd_temperature, self.weighting,
-                self.beta,
+                logits, self.teacher_outputs(input_ids), labels, self.kl_direction, self.kd_temperature,
+                self.weighting, self.beta,
             )
             kd = terms.loss()
-            loss = loss + (1.0 - self.ce_weight) * kd
             # Weights of unscored positions are 0 here, so the max is over scored tokens (weights are >= 0).
             logs.update({
                 "train/kd": kd,
@@ -219,6 +184,7 @@ class Distill(RecoveryStage):
                 "train/entropy_weight_mean": terms.scored_mean(terms.weights),
                 "train/entropy_weight_max": (terms.weights * terms.mask).max(),
             })
+        loss = kd_ce_mix(ce, kd, self.kd_share)
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict(logs)
         return loss

@@ -26,7 +26,7 @@ from lit_prune.components.losses import Direction, kl_loss, next_token_ce
 from lit_prune.components.mask_io import MaskArtifact
 from lit_prune.hf import Dtype, meta_model
 from lit_prune.metrics import TokenPerplexity
-from lit_prune.stages.base import PruneStage, save_gated_as_pruned, strip_frozen_model
+from lit_prune.stages.base import PruneStage, num_drop_from, save_gated_as_pruned, strip_frozen_model
 from lit_prune.stages.distributed import (
     average_across_ranks,
     broadcast_from_rank0_,
@@ -35,30 +35,6 @@ from lit_prune.stages.distributed import (
 )
 
 METHOD_NAMES = {ConcaveGate: "clp", GumbelTopKGate: "e3"}
-
-
-def num_drop_from(ratio: float | None, num_drop: int | None, num_layers: int, pretrained: str) -> int:
-    """Resolve the layer budget from ``ratio`` or ``num_drop`` (exactly one), with errors in config keys."""
-    if (ratio is None) == (num_drop is None):
-        raise ValueError(
-            "Set exactly one of `model.init_args.ratio` (fraction of decoder layers to drop) and "
-            f"`model.init_args.num_drop` (a layer count); got ratio={ratio}, num_drop={num_drop}."
-        )
-    if ratio is not None:
-        if not 0.0 < ratio < 1.0:
-            raise ValueError(f"`model.init_args.ratio` must be in (0, 1), got {ratio}. E.g. 0.25 drops a quarter.")
-        num_drop = round(ratio * num_layers)
-        if num_drop < 1:
-            raise ValueError(
-                f"`model.init_args.ratio`={ratio} drops round({ratio} * {num_layers}) = 0 layers of {pretrained!r}. "
-                f"Use a ratio >= {0.5 / num_layers:.3f}."
-            )
-    if not 1 <= num_drop <= num_layers - 1:
-        raise ValueError(
-            f"`model.init_args.num_drop` must be in [1, {num_layers - 1}] for {pretrained!r} ({num_layers} decoder "
-            f"layers), got {num_drop}."
-        )
-    return num_drop
 
 
 class MaskSearch(PruneStage):
@@ -153,19 +129,26 @@ class MaskSearch(PruneStage):
     def temperature(self, value: float) -> None:
         self.gate.temperature = value
 
-    def __getattr__(self, name: str) -> Any:
-        # `k` / `k_target` exist only for budgeted gates, so hasattr() tells TopKAnnealing the truth.
-        if name in ("k", "k_target"):
-            gate = self._modules.get("gate")
-            if gate is not None and hasattr(gate, name):
-                return getattr(gate, name)
-        return super().__getattr__(name)
+    def _budgeted_gate(self, name: str) -> LayerGate:
+        gate = self._modules.get("gate")
+        if gate is None or not hasattr(gate, name):
+            # AttributeError, so hasattr(module, "k") is False for gates without a budget (TopKAnnealing checks it).
+            raise AttributeError(f"{type(gate).__name__} has no layer budget `{name}` (GumbelTopKGate has one).")
+        return gate
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "k" and "gate" in self._modules and hasattr(self._modules["gate"], "k"):
-            self._modules["gate"].k = value
-            return
-        super().__setattr__(name, value)
+    @property
+    def k(self) -> int:
+        """Layers the budgeted gate (GumbelTopKGate) drops now; TopKAnnealing drives it. Absent for other gates."""
+        return self._budgeted_gate("k").k
+
+    @k.setter
+    def k(self, value: int) -> None:
+        self._budgeted_gate("k").k = value
+
+    @property
+    def k_target(self) -> int:
+        """The budget ``k`` ends on (``num_drop``), read by TopKAnnealing; absent for gates without a budget."""
+        return self._budgeted_gate("k_target").k_target
 
     def layer_gate_values(self) -> Tensor:
         """Deterministic gate view ``[num_layers]`` in [0, 1] for monitoring."""

@@ -1,4 +1,8 @@
-"""Evaluate: a model as it is, or with a mask applied, for ``python -m lit_prune validate``."""
+"""Perplexity: ``val/ppl`` of a model as it is, or with a mask applied, for ``python -m lit_prune validate``.
+
+(Named ``Evaluate`` before; ``lit_prune.Evaluate`` still resolves to it for one release. The ``evaluate`` command is a
+different tool: several models side by side, ``lit_prune.evaluate_models``.)
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from lit_prune.hf import Dtype
 from lit_prune.stages.base import PruneStage
 
 
-class Evaluate(PruneStage):
+class Perplexity(PruneStage):
     """Report ``val/ppl`` of a dense model, or of the same model with a mask applied.
 
     Args:
@@ -54,4 +58,4 @@ class Evaluate(PruneStage):
             self.gating.set_mask(self.mask.keep_mask())
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        raise RuntimeError("Evaluate only validates: run `python -m lit_prune validate -c ...`, not `fit`.")
+        raise RuntimeError("Perplexity only validates: run `python -m lit_prune validate -c ...`, not `fit`.")

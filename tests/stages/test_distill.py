@@ -58,13 +58,13 @@ def _batch(tiny_checkpoint, tiny_text):
     return collate_blocks([data.train_set[i] for i in (0, 3)])
 
 
-def test_ce_weight_one_is_plain_cross_entropy(tiny_checkpoint, tiny_mask, tiny_text):
-    module = _stage(tiny_checkpoint, tiny_mask, ce_weight=1.0)
+def test_kd_share_zero_is_plain_cross_entropy(tiny_checkpoint, tiny_mask, tiny_text):
+    module = _stage(tiny_checkpoint, tiny_mask, kd_share=0.0)
     module.configure_model()
     batch = _batch(tiny_checkpoint, tiny_text)
     loss = module.training_step(batch, 0)
     torch.testing.assert_close(loss, next_token_ce(module(batch["input_ids"]), batch["labels"]))
-    mixed = _stage(tiny_checkpoint, tiny_mask, ce_weight=0.5)
+    mixed = _stage(tiny_checkpoint, tiny_mask, kd_share=0.5)
     mixed.configure_model()
     assert not torch.isclose(mixed.training_step(batch, 0), loss)
 
@@ -169,7 +169,7 @@ def test_teacher_with_another_vocabulary_is_refused(tiny_checkpoint, tiny_mask, 
         (dict(teacher_cache="CACHE"), "exactly one of"),
         (dict(teacher=None, teacher_cache="CACHE", teacher_k=10), r"top-4 logits per token, `model.init_args.teach"),
         (dict(teacher=None, teacher_cache="/nowhere"), r"teacher_cache`='/nowhere'.*meta.json is missing"),
-        (dict(ce_weight=1.5), r"ce_weight` must be in \[0, 1\]"),
+        (dict(kd_share=1.5), r"kd_share` must be in \[0, 1\]"),
         (dict(weighting="entropy"), r"weighting` must be one of \['normalized', 'linear', 'none'\]"),
         (dict(train="head"), r"train` must be one of"),
         (dict(target_modules=["qkv"]), "match no module"),
@@ -183,3 +183,24 @@ def test_bad_settings_fail_before_weights_load(tiny_checkpoint, tiny_mask, tiny_
     kwargs.setdefault("teacher", str(tiny_checkpoint))
     with pytest.raises(ValueError, match=message):
         Distill(str(tiny_checkpoint), mask=str(tiny_mask), **kwargs)
+
+
+def test_renamed_keys_still_work_for_one_release(tiny_checkpoint, tiny_mask, tiny_text):
+    with pytest.deprecated_call(match=r"`model.init_args.ce_weight` is deprecated.*`kd_share: 0.75`"):
+        old = _stage(tiny_checkpoint, tiny_mask, ce_weight=0.25)
+    assert old.kd_share == 0.75
+    with pytest.deprecated_call(match=r"`model.init_args.direction` is deprecated.*`kl_direction: 'reverse'`"):
+        assert _stage(tiny_checkpoint, tiny_mask, direction="reverse").kl_direction == "reverse"
+    # The old share of CE trains exactly what the new share of KD does.
+    batch = _batch(tiny_checkpoint, tiny_text)
+    new = _stage(tiny_checkpoint, tiny_mask, kd_share=0.75)
+    old.configure_model()
+    new.configure_model()
+    new.model.load_state_dict(old.model.state_dict())
+    torch.testing.assert_close(old.training_step(batch, 0), new.training_step(batch, 0))
+    with pytest.raises(ValueError, match=r"`model.init_args.ce_weight`=0.25 \(deprecated\) and `model.init_args.kd_"):
+        _stage(tiny_checkpoint, tiny_mask, ce_weight=0.25, kd_share=0.5)
+    with pytest.raises(ValueError, match=r"`model.init_args.ce_weight` must be in \[0, 1\], got 1.5"):
+        _stage(tiny_checkpoint, tiny_mask, ce_weight=1.5)
+    with pytest.raises(ValueError, match=r"`model.init_args.direction` must be one of \['forward', 'reverse'\]"):
+        _stage(tiny_checkpoint, tiny_mask, direction="sideways")

@@ -90,7 +90,7 @@ def test_fit_trains_lora_checkpoint_keeps_it_and_merged_export_matches(tiny_chec
 def test_model_export_callback_writes_the_merged_model(tiny_checkpoint, tiny_mask, tiny_text, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    module = _stage(tiny_checkpoint, tiny_mask, loss="mix", kd_weight=0.5)
+    module = _stage(tiny_checkpoint, tiny_mask, loss="mix", kd_share=0.5)
     trainer = _trainer(tmp_path, steps=2, callbacks=[ModelExport(what="model")])
     trainer.fit(module, datamodule=_data(tiny_checkpoint, tiny_text))
     assert all(not p.requires_grad for p in module.teacher_model.parameters())
@@ -154,3 +154,12 @@ def test_resume_restores_the_lora_weights_from_a_stripped_checkpoint(tiny_checkp
     assert want.keys() == got.keys() and any(v.abs().sum() > 0 for k, v in want.items() if "lora_B" in k)
     for name in want:
         torch.testing.assert_close(got[name], want[name])
+
+
+def test_kd_weight_is_the_deprecated_name_of_kd_share(tiny_checkpoint, tiny_mask):
+    with pytest.deprecated_call(match=r"`model.init_args.kd_weight` is deprecated.*`kd_share: 0.3`"):
+        assert _stage(tiny_checkpoint, tiny_mask, loss="mix", kd_weight=0.3).kd_share == 0.3
+    with pytest.raises(ValueError, match=r"`model.init_args.kd_weight` must be in \[0, 1\], got 2"):
+        _stage(tiny_checkpoint, tiny_mask, loss="mix", kd_weight=2)
+    with pytest.raises(ValueError, match=r"`model.init_args.kd_share` must be in \[0, 1\], got -0.1"):
+        _stage(tiny_checkpoint, tiny_mask, loss="mix", kd_share=-0.1)

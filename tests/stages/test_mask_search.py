@@ -140,3 +140,14 @@ def test_activation_checkpointing_gives_the_same_gate_gradient(tiny_checkpoint, 
         grads.append(next(module.gate.parameters()).grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
     assert grads[0].abs().sum() > 0
+
+
+def test_k_exists_only_for_gates_with_a_budget(tiny_checkpoint):
+    concave = _search(tiny_checkpoint)
+    assert not hasattr(concave, "k") and not hasattr(concave, "k_target")  # TopKAnnealing refuses such a module
+    with pytest.raises(AttributeError, match="ConcaveGate has no layer budget `k`"):
+        concave.k = 1
+    topk = _search(tiny_checkpoint, gate=lambda n, k: GumbelTopKGate(n, k))
+    assert topk.k == topk.gate.k and topk.k_target == topk.gate.k_target == 2
+    topk.k = 1
+    assert topk.gate.k == 1 and "k" not in vars(topk)
