@@ -287,9 +287,11 @@ class PruneDataModule(L.LightningDataModule):
         trainer = self.trainer  # None outside a Trainer
         if trainer is not None and trainer.fit_loop.restarting:
             # Resuming: replay the same permutations and skip the batches the restored run already consumed.
-            # Counted from total batches, since Lightning marks an epoch stopped by max_steps as processed.
+            # Counted from total batches, since Lightning marks an epoch stopped by max_steps as processed. Processed,
+            # not completed: a checkpoint written in on_train_batch_end (ModelCheckpoint every_n_train_steps) holds
+            # its batch as processed but not yet completed, and would replay it.
             # Under DDP/FSDP each process takes every world_size-th index of this sampler's order.
-            consumed = trainer.fit_loop.epoch_loop.batch_progress.total.completed
+            consumed = trainer.fit_loop.epoch_loop.batch_progress.total.processed
             per_step = self.hparams.batch_size * trainer.world_size
             per_epoch = -(-len(self.train_set) // per_step)
             sampler.epoch, skip_batches = divmod(consumed, per_epoch)

@@ -24,6 +24,7 @@ from lit_prune.components.gates import ConcaveGate, GumbelTopKGate, LayerGate, l
 from lit_prune.components.gating import LayerGating
 from lit_prune.components.losses import Direction, kl_loss, next_token_ce
 from lit_prune.components.mask_io import MaskArtifact
+from lit_prune.components.refine import best_of, greedy_importance, mask_kl_objective, shift_search, swap_search
 from lit_prune.hf import Dtype, meta_model
 from lit_prune.metrics import TokenPerplexity
 from lit_prune.stages.base import PruneStage, num_drop_from, save_gated_as_pruned, strip_frozen_model
@@ -48,10 +49,22 @@ class MaskSearch(PruneStage):
         num_drop: Number of decoder layers to drop; overrides ``ratio`` when ``ratio`` is null.
         kl_direction: ``forward`` = KL(dense || gated), ``reverse`` = KL(gated || dense).
         ce_weight: Weight of an extra next-token cross-entropy term on the gated model (0 = pure KL).
-        importance_init: ``kl`` initialises GumbelTopKGate logits from per-layer KL importance (skip one layer,
-            measure the output KL) on ``importance_batches`` training batches; ``none`` keeps the gate's own init.
-        importance_batches: Calibration batches used by ``importance_init``.
+        importance_init: How the gate starts. ``kl`` initialises GumbelTopKGate logits from per-layer KL importance
+            (skip one layer, measure the output KL) on ``importance_batches`` training batches; ``kl_greedy`` from a
+            greedy removal with the same KL (each layer measured with the earlier picks already removed, as SLEB
+            does), on the first ``importance_batches`` training batches in dataset order; ``window_scan`` places
+            ConcaveGate's single segment at the exact optimum of the window scan on those batches; ``none`` keeps the
+            gate's own init.
+        importance_batches: Calibration batches used by ``importance_init`` and ``refine``.
         importance_scale: Scale of the standardized log-importance logits.
+        refine: What happens to the learned mask when training ends, on the calibration batches (the first
+            ``importance_batches`` training batches in dataset order), by the search's own KL. ``none``: keep the
+            gate's hard mask. ``select``: the lowest-KL mask among the gate's hard mask, its initialisation and (E3)
+            the last ``refine_samples`` distinct masks sampled at the full budget. ``polish``: ``select``, then a
+            local search from it (E3: swap a dropped and a kept layer at most ``refine_radius`` apart; CLP: move a
+            segment by one layer) while the KL improves. The cost is reported in mask.json (``extra.refine``).
+        refine_samples: How many of the last sampled full-budget masks ``refine`` considers (E3).
+        refine_radius: Largest distance between the two layers of a swap in ``polish`` (null: any pair).
         method: Name recorded in mask.json (default: ``clp`` for ConcaveGate, ``e3`` for GumbelTopKGate).
         kl_chunk_tokens: Compute the KL over this many tokens at a time, recomputed in backward: lowers peak memory
             at large batch x vocabulary (docs/scale.md); null computes it at once.
@@ -70,9 +83,12 @@ class MaskSearch(PruneStage):
         num_drop: int | None = None,
         kl_direction: Direction = "forward",
         ce_weight: float = 0.0,
-        importance_init: Literal["none", "kl"] = "none",
+        importance_init: Literal["none", "kl", "kl_greedy", "window_scan"] = "none",
         importance_batches: int = 2,
         importance_scale: float = 1.0,
+        refine: Literal["none", "select", "polish"] = "none",
+        refine_samples: int = 16,
+        refine_radius: int | None = 2,
         method: str | None = None,
         kl_chunk_tokens: int | None = None,
         compile_blocks: bool = False,
@@ -102,11 +118,38 @@ class MaskSearch(PruneStage):
             raise ValueError(f"`model.init_args.importance_batches` must be >= 1, got {importance_batches}.")
         # The gate is tiny: building it here validates protected layers and segments before any weight loads.
         self.gate = gate(self.num_layers, self.num_drop)
-        if importance_init == "kl" and not hasattr(self.gate, "logits"):
+        if importance_init in ("kl", "kl_greedy") and not hasattr(self.gate, "logits"):
             raise ValueError(
-                f"`model.init_args.importance_init`='kl' sets per-layer logits, which {type(self.gate).__name__} "
-                "does not have. Use GumbelTopKGate, or importance_init: none."
+                f"`model.init_args.importance_init`={importance_init!r} sets per-layer logits, which "
+                f"{type(self.gate).__name__} does not have. Use GumbelTopKGate, or importance_init: none "
+                "(window_scan for ConcaveGate)."
             )
+        if importance_init == "window_scan" and getattr(self.gate, "num_segments", None) != 1:
+            raise ValueError(
+                f"`model.init_args.importance_init`='window_scan' places one contiguous segment; "
+                f"{type(self.gate).__name__} has num_segments={getattr(self.gate, 'num_segments', None)}. Use "
+                "ConcaveGate with num_segments: 1, or importance_init: none."
+            )
+        if refine not in ("none", "select", "polish"):
+            raise ValueError(f"`model.init_args.refine` must be one of none, select, polish; got {refine!r}.")
+        if isinstance(refine_samples, bool) or not isinstance(refine_samples, int) or refine_samples < 0:
+            raise ValueError(f"`model.init_args.refine_samples` must be an integer >= 0, got {refine_samples!r}.")
+        if refine_radius is not None and (isinstance(refine_radius, bool) or refine_radius < 1):
+            raise ValueError(f"`model.init_args.refine_radius` must be >= 1 or null (any pair), got {refine_radius!r}.")
+        self.refine = refine
+        self.refine_samples = refine_samples
+        self.refine_radius = refine_radius
+        if refine != "none":
+            # Resumable state of the refinement: the initial mask and the last sampled full-budget masks (a ring).
+            self.register_buffer("init_keep", torch.ones(self.num_layers, dtype=torch.bool))
+            self.register_buffer("sampled_keep", torch.ones(max(refine_samples, 1), self.num_layers, dtype=torch.bool))
+            self.register_buffer("sampled_valid", torch.zeros(max(refine_samples, 1), dtype=torch.bool))
+        self.refine_report: dict[str, Any] | None = None
+        if isinstance(self.gate, GumbelTopKGate):
+            # The sampling noise of step t comes from (noise_seed, t), not the global RNG: a resumed run draws the same
+            # masks as the uninterrupted one (Lightning does not restore RNG states).
+            self.register_buffer("noise_seed", torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
+        self._noise_seed: int | None = None
         self.kl_direction = kl_direction
         self.ce_weight = ce_weight
         self.importance_init = importance_init
@@ -161,6 +204,8 @@ class MaskSearch(PruneStage):
     def mask_artifact(self) -> MaskArtifact:
         """The search result as the mask.json contract."""
         extra: dict[str, Any] = {"gate": type(self.gate).__name__, "kl_direction": self.kl_direction}
+        if self.refine_report is not None:
+            extra["refine"] = self.refine_report
         if self._trainer is not None:
             extra["global_step"] = int(self.trainer.global_step)
         return MaskArtifact(
@@ -225,7 +270,8 @@ class MaskSearch(PruneStage):
     def on_train_start(self) -> None:
         broadcast_from_rank0_(list(self.gate.parameters()))  # one gate on every rank, whatever each rank initialised
         # Read once, after any checkpoint restore: a tensor test in every training step would sync with the GPU.
-        self._importance_pending = self.importance_init == "kl" and not bool(self.importance_done)
+        self._importance_pending = self.importance_init != "none" and not bool(self.importance_done)
+        self._noise_seed = int(self.noise_seed) if hasattr(self, "noise_seed") else None
 
     def _init_from_kl_importance(self) -> None:
         from lit_prune.components.scorers import kl_importance
@@ -240,8 +286,89 @@ class MaskSearch(PruneStage):
         importance = average_across_ranks(torch.tensor(importance, device=self.device)).tolist()
         with torch.no_grad():
             self.gate.logits.copy_(logits_from_importance(importance, self.importance_scale).to(self.gate.logits))
+        self._remember_init()
         self.importance_done.fill_(True)
         self.print(f"KL importance per layer: {[round(v, 4) for v in importance]}")
+
+    def _calibration_batches(self) -> list[Tensor]:
+        """The first ``importance_batches`` training batches in dataset order: the same on every rank and resume."""
+        loader = self.trainer.train_dataloader
+        dataset, size = loader.dataset, loader.batch_size or 1
+        count = min(len(dataset), self.importance_batches * size)
+        rows = [dataset[i] for i in range(count)]
+        return [
+            torch.stack([torch.as_tensor(r["input_ids"]) for r in rows[i : i + size]]).to(self.device)
+            for i in range(0, count, size)
+        ]
+
+    def _candidates(self) -> list[int]:
+        gate = self.gate
+        return list(range(gate.protect_first, self.num_layers - gate.protect_last))
+
+    def _init_from_calibration(self) -> None:
+        """``kl_greedy`` (E3 logits) or ``window_scan`` (CLP segment start) on the calibration batches."""
+        objective = mask_kl_objective(self.model, self.gating, self._calibration_batches(), self.kl_direction)
+        if self.importance_init == "kl_greedy":
+            importance = greedy_importance(objective, self._candidates(), self.num_drop, self.num_layers)
+            with torch.no_grad():
+                logits = logits_from_importance(importance, self.importance_scale)
+                self.gate.logits.copy_(logits.to(self.gate.logits))
+            self.print(f"Greedy KL importance per layer: {[round(v, 4) for v in importance]}")
+        else:
+            low, high = self.gate.protect_first, self.num_layers - self.gate.protect_last
+            windows = [tuple(range(s, s + self.num_drop)) for s in range(low, high - self.num_drop + 1)]
+            drop, kl = best_of(objective, windows)
+            self.gate.set_starts_([drop[0]])
+            self.print(f"Window scan start: layers [{drop[0]}, {drop[-1] + 1}) with calibration KL {kl:.4f}")
+        self._remember_init()
+        self.importance_done.fill_(True)
+
+    def _remember_init(self) -> None:
+        if self.refine != "none":
+            self.init_keep.copy_(self.gate.hard_mask().to(self.init_keep.device))
+
+    def on_train_end(self) -> None:
+        if self.refine != "none" and self.refine_report is None:
+            self._refine_mask()
+
+    def _refine_mask(self) -> None:
+        """Replace the gate's hard mask by the best candidate (and its local optimum) on the calibration batches."""
+        import time
+
+        start = time.perf_counter()
+        objective = mask_kl_objective(self.model, self.gating, self._calibration_batches(), self.kl_direction)
+        learned = tuple(self.gate.drop_indices())
+        candidates = {"learned": learned}
+        if self.importance_init != "none" and bool(self.importance_done):
+            candidates["init"] = tuple(int(i) for i in torch.nonzero(~self.init_keep.cpu()).flatten())
+        for keep in self.sampled_keep[self.sampled_valid].cpu():
+            candidates.setdefault(f"sampled_{len(candidates)}", tuple(int(i) for i in torch.nonzero(~keep).flatten()))
+        drop, kl = best_of(objective, candidates.values())
+        chosen = next(name for name, value in candidates.items() if value == drop)
+        rounds = 0
+        if self.refine == "polish":
+            if isinstance(self.gate, ConcaveGate):
+                seg_starts = [s for s, _ in _segments_of(drop, self.gate.widths)]
+                starts, kl, rounds = shift_search(
+                    objective, seg_starts, self.gate.widths, self.gate.protect_first,
+                    self.num_layers - self.gate.protect_last,
+                )
+                drop = tuple(i for s, w in zip(starts, self.gate.widths) for i in range(s, s + w))
+            else:
+                drop, kl, rounds = swap_search(objective, drop, self._candidates(), radius=self.refine_radius)
+        if isinstance(self.gate, ConcaveGate):
+            self.gate.set_starts_([s for s, _ in _segments_of(drop, self.gate.widths)])
+        else:
+            self.gate.set_drop_(drop)
+        self.refine_report = {
+            "mode": self.refine, "chosen": chosen, "learned_drop": list(learned), "drop": list(drop),
+            "calibration_kl": kl, "candidates": len(set(candidates.values())), "local_moves": rounds,
+            "masks_evaluated": objective.evaluations, "seconds": round(time.perf_counter() - start, 3),
+        }
+        self.print(
+            f"Refined mask ({self.refine}): drop {list(drop)} (from {chosen}; learned {list(learned)}), calibration KL "
+            f"{kl:.4f}, {objective.evaluations} masks evaluated in {self.refine_report['seconds']:.1f} s"
+        )
 
     # ------------------------------------------------------------ steps
     def _teacher_logits(self, input_ids: Tensor) -> Tensor:
@@ -257,12 +384,25 @@ class MaskSearch(PruneStage):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         if self._importance_pending:
             # Here, not in on_train_start: under FSDP the weights are gathered only inside the wrapped forward.
-            self._init_from_kl_importance()
+            if self.importance_init == "kl":
+                self._init_from_kl_importance()
+            else:
+                self._init_from_calibration()
             self._importance_pending = False
         input_ids, labels = batch["input_ids"], batch["labels"]
         # Gate first: ConcaveGate's projection reads its few values on the host, and a sync here, before any
         # forward is queued, costs nothing, while one between the two forwards would idle the GPU.
-        gates = self.gate()
+        if self._noise_seed is not None:
+            generator = torch.Generator(device=self.gate.logits.device)
+            generator.manual_seed(self._noise_seed + 1_000_003 * self.trainer.global_step)
+            gates = self.gate(generator=generator)
+        else:
+            gates = self.gate()
+        if self.refine != "none" and self.refine_samples and getattr(self.gate, "k", None) == self.num_drop:
+            # Remember the sampled full-budget masks (indexed by step, so a resumed run keeps the same ring).
+            slot = self.trainer.global_step % self.refine_samples
+            self.sampled_keep[slot] = gates.detach() > 0.5
+            self.sampled_valid[slot] = True
         teacher = self._teacher_logits(input_ids)
         student = self._gated_logits(input_ids, gates)
         kl = kl_loss(teacher, student, labels=None, direction=self.kl_direction, chunk_tokens=self.kl_chunk_tokens)
@@ -303,3 +443,12 @@ class MaskSearch(PruneStage):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         strip_frozen_model(checkpoint)  # a 70B checkpoint would otherwise be 140 GB
+
+
+def _segments_of(drop: tuple[int, ...], widths: list[int]) -> list[tuple[int, int]]:
+    """Split a sorted drop list into consecutive ``[start, end)`` runs of the given widths (ConcaveGate's order)."""
+    segments, at = [], 0
+    for width in widths:
+        segments.append((drop[at], drop[at] + width))
+        at += width
+    return segments

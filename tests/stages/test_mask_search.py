@@ -142,6 +142,89 @@ def test_activation_checkpointing_gives_the_same_gate_gradient(tiny_checkpoint, 
     assert grads[0].abs().sum() > 0
 
 
+def _calibration_objective(module, data):
+    from lit_prune.components.refine import mask_kl_objective
+
+    data.setup("fit")
+    rows = [data.train_set[i] for i in range(2 * 2)]  # importance_batches=2 batches of batch_size 2, dataset order
+    batches = [torch.stack([torch.as_tensor(r["input_ids"]) for r in rows[i : i + 2]]) for i in (0, 2)]
+    return mask_kl_objective(module.model, module.gating, batches)
+
+
+def test_clp_window_scan_start_and_polish_give_the_exact_scan_optimum(tiny_checkpoint, tiny_text, tmp_path):
+    # A large learning rate pushes the notch around; the refined mask is still the calibration optimum.
+    module = MaskSearch(str(tiny_checkpoint), gate=lambda n, k: ConcaveGate(n, k, protect_first=1, protect_last=1),
+                        num_drop=2, ratio=None, importance_init="window_scan", refine="polish",
+                        optimizer=lambda p: torch.optim.Adam(p, lr=2.0))
+    data = _data(tiny_checkpoint, tiny_text)
+    _trainer(tmp_path, steps=4, callbacks=[ModelExport()]).fit(module, datamodule=data)
+    objective = _calibration_objective(module, data)
+    windows = [tuple(range(s, s + 2)) for s in range(1, 4)]
+    best = min(windows, key=lambda w: (objective(w), w))
+    assert tuple(module.current_drop()) == best
+    mask = json.loads((tmp_path / "mask.json").read_text())
+    assert tuple(mask["drop"]) == best and mask["extra"]["refine"]["mode"] == "polish"
+    assert mask["extra"]["refine"]["calibration_kl"] == pytest.approx(objective(best))
+
+
+def _e3(tiny_checkpoint, **kwargs):
+    return MaskSearch(str(tiny_checkpoint), gate=lambda n, k: GumbelTopKGate(n, k, protect_first=1, protect_last=1),
+                      num_drop=2, ratio=None, importance_init="kl_greedy", importance_batches=2, refine="polish",
+                      refine_radius=None, optimizer=lambda p: torch.optim.Adam(p, lr=0.5), **kwargs)
+
+
+def test_e3_greedy_init_and_polish_reach_a_swap_local_optimum(tiny_checkpoint, tiny_text, tmp_path):
+    import itertools
+
+    module = _e3(tiny_checkpoint)
+    data = _data(tiny_checkpoint, tiny_text)
+    _trainer(tmp_path, steps=6, callbacks=[TopKAnnealing(start=0, warmup_fraction=0.3)]).fit(module, datamodule=data)
+    report = module.refine_report
+    objective = _calibration_objective(module, data)
+    drop = tuple(module.current_drop())
+    assert list(drop) == report["drop"] and objective(drop) == pytest.approx(report["calibration_kl"])
+    # No single swap improves it, and it is no worse than the greedy start or the learned mask.
+    for out, into in itertools.product(drop, [c for c in range(1, 5) if c not in drop]):
+        assert objective(tuple(sorted({*drop} - {out} | {into}))) >= report["calibration_kl"] - 1e-9
+    assert report["calibration_kl"] <= objective(tuple(report["learned_drop"])) + 1e-9
+    init = tuple(int(i) for i in torch.nonzero(~module.init_keep).flatten())
+    assert len(init) == 2 and report["calibration_kl"] <= objective(init) + 1e-9
+    assert int(module.sampled_valid.sum()) >= 1
+
+
+def test_e3_same_seed_and_resume_give_the_same_refined_mask(tiny_checkpoint, tiny_text, tmp_path):
+    class SaveAt(L.Callback):  # what a ModelCheckpoint does mid-run
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 4:
+                trainer.save_checkpoint(tmp_path / "mid.ckpt")
+
+    def run(ckpt=None, save=False):
+        L.seed_everything(11)
+        module = _e3(tiny_checkpoint)
+        callbacks = [TopKAnnealing(start=0, warmup_fraction=0.3), TemperatureSchedule(start=1.0, end=0.1)]
+        trainer = _trainer(tmp_path, steps=8, callbacks=callbacks + ([SaveAt()] if save else []))
+        trainer.fit(module, datamodule=_data(tiny_checkpoint, tiny_text), ckpt_path=ckpt)
+        return module
+
+    full, again = run(save=True), run()
+    assert full.current_drop() == again.current_drop()
+    torch.testing.assert_close(full.gate.logits, again.gate.logits)
+    resumed = run(ckpt=str(tmp_path / "mid.ckpt"))
+    torch.testing.assert_close(resumed.gate.logits, full.gate.logits)
+    assert resumed.current_drop() == full.current_drop()
+    assert resumed.refine_report["learned_drop"] == full.refine_report["learned_drop"]
+    torch.testing.assert_close(resumed.sampled_keep, full.sampled_keep)
+
+
+def test_refine_options_are_checked_before_weights_load(tiny_checkpoint):
+    with pytest.raises(ValueError, match="window_scan"):
+        _search(tiny_checkpoint, gate=lambda n, k: GumbelTopKGate(n, k), importance_init="window_scan")
+    with pytest.raises(ValueError, match="kl_greedy"):
+        _search(tiny_checkpoint, importance_init="kl_greedy")
+    with pytest.raises(ValueError, match="refine_radius"):
+        _search(tiny_checkpoint, refine="polish", refine_radius=0)
+
+
 def test_k_exists_only_for_gates_with_a_budget(tiny_checkpoint):
     concave = _search(tiny_checkpoint)
     assert not hasattr(concave, "k") and not hasattr(concave, "k_target")  # TopKAnnealing refuses such a module
