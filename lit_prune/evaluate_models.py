@@ -296,9 +296,11 @@ def zero_shot_task(lm_eval, hflm, task: str, task_manager, limit, num_fewshot, s
         ``(result, rows)``: the task's metric, value, standard error, split, source and row count; and its per-row
         metrics (:func:`sample_rows`).
     """
+    start = time.perf_counter()
     out = lm_eval.simple_evaluate(
         model=hflm, tasks=[task], limit=limit, num_fewshot=num_fewshot, task_manager=task_manager, log_samples=True,
     )
+    seconds = time.perf_counter() - start
     res = out["results"].get(task, {})
     picked = primary_metric(res)
     metric = picked[0] if picked else None
@@ -310,7 +312,7 @@ def zero_shot_task(lm_eval, hflm, task: str, task_manager, limit, num_fewshot, s
         "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
         "n": counts.get("effective"), "n_split": counts.get("original"),
         "split": scored_split(out["configs"].get(task, {})), "source": served.get("source", "lm-eval task"),
-        "lm_eval_task": served.get("lm_eval_task", task),
+        "lm_eval_task": served.get("lm_eval_task", task), "seconds": seconds,
         "all": {k: v for k, v in res.items() if isinstance(v, (int, float, str))},
     }
     return result, sample_rows(out["samples"].get(task, []))
@@ -448,6 +450,10 @@ def _diff(paired: dict[str, Any] | None) -> str:
     return f"{paired['diff']:+.4f}" + ("" if paired.get("stderr") is None else f" ± {paired['stderr']:.4f}") + mark
 
 
+def _task(entry: dict[str, Any], task: str) -> dict[str, Any]:
+    return (entry.get("tasks") or {}).get(task) or {}
+
+
 def _table(head: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
@@ -474,13 +480,13 @@ def results_markdown(results: dict[str, Any]) -> str:
         rows.append(row)
     parts = [_table(head, rows)]
     if tasks:
-        get = lambda res, t: (res.get("tasks") or {}).get(t) or {}  # noqa: E731
         head = ["model"] + tasks + ["average"]
         parts.append(_table(head, [
-            [label[n]] + [_pm(get(r, t).get("value"), get(r, t).get("stderr")) for t in tasks]
+            [label[n]] + [_pm(_task(r, t).get("value"), _task(r, t).get("stderr")) for t in tasks]
             + [_pm((r.get("average") or {}).get("value"), (r.get("average") or {}).get("stderr"))]
             for n, r in models.items()
         ]))
+    if tasks and len(models) > 1:
         head = ["model"] + [f"{t} retention" for t in tasks] + ["mean-of-ratios", "ratio-of-means"]
         parts.append(_table(head, [
             [label[n]] + [_fmt(((r.get("retention") or {}).get("tasks") or {}).get(t)) for t in tasks]
@@ -494,9 +500,10 @@ def results_markdown(results: dict[str, Any]) -> str:
             + [_diff((r.get("paired") or {}).get("average"))]
             for n, r in models.items() if n != ref
         ]))
+    if tasks:
         task_rows = []
         for t in tasks:
-            first = next((get(r, t) for r in models.values() if get(r, t)), {})
+            first = next((_task(r, t) for r in models.values() if _task(r, t)), {})
             task_rows.append([t, first.get("lm_eval_task", "-"), first.get("metric") or "-", str(first.get("split")),
                               f"{first.get('n', '-')} of {first.get('n_split', '-')}", f"`{first.get('source', '-')}`"])
         parts.append(_table(["task", "lm-eval definition", "metric", "split", "rows scored", "data"], task_rows))

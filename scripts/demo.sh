@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# End-to-end demo on the offline SmolLM2-135M and the offline 1911 Britannica text (2-core CPU: about 10 minutes):
-# CLP mask search -> endpoint LoRA recovery -> vanilla export -> dense vs pruned vs recovered perplexity.
+# End-to-end demo on the offline SmolLM2-135M and the offline 1911 Britannica text (2-core CPU: a few minutes):
+# CLP mask search -> endpoint LoRA recovery -> vanilla export -> dense vs pruned vs recovered perplexity
+# -> zero-shot accuracy retention on the first rows of PIQA and ARC-Easy (offline lm-eval tasks, scored in bf16).
 #   make demo            (or: PYTHON=.venv/bin/python bash scripts/demo.sh)
-# Shorter or longer: DEMO_SEARCH_STEPS=40 DEMO_RECOVERY_STEPS=40 make demo
+# Shorter or longer: DEMO_SEARCH_STEPS=40 DEMO_RECOVERY_STEPS=40 DEMO_ACC_ROWS=200 make demo (DEMO_ACC_ROWS=0: skip)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 OUT=${DEMO_OUT:-runs/demo}
 SEARCH_STEPS=${DEMO_SEARCH_STEPS:-40}
 RECOVERY_STEPS=${DEMO_RECOVERY_STEPS:-40}
+ACC_ROWS=${DEMO_ACC_ROWS:-200}
 RUNS="$OUT/runs"
 mkdir -p "$OUT"
 quiet() { grep -vE "it/s\]|examples/s\]|Tip:|LeafSpec|eval mode|^\s*$" || true; }
@@ -46,6 +48,28 @@ $PY -m lit_prune validate -c configs/eval_smollm2.yaml --model.init_args.pretrai
 echo "== 7. the recovered model loads with plain transformers and generates"
 $PY scripts/generate.py "$RECOVERED" "The history of England"
 
+if [ "$ACC_ROWS" -gt 0 ]; then
+  echo "== 8. zero-shot accuracy, dense vs recovered: first $ACC_ROWS rows of PIQA and ARC-Easy (validation), bf16"
+  $PY -m lit_prune evaluate --models dense=offline:smollm2-135m recovered="$RECOVERED" --tasks piqa arc_easy_val \
+    --limit "$ACC_ROWS" --dtype bfloat16 --batch-size 16 --out "$OUT/accuracy" --overwrite >"$OUT/accuracy.log" 2>&1 \
+    || { tail -n 5 "$OUT/accuracy.log"; exit 1; }
+fi
+
 echo "== summary (held-out Britannica, 16 x 256 tokens)"
 $PY scripts/summarize_logs.py "$OUT/dense.log" "$OUT/pruned.log" "$OUT/recovered.log"
+if [ "$ACC_ROWS" -gt 0 ]; then
+  $PY - "$OUT/accuracy/results.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+dense, rec = r["models"]["dense"], r["models"]["recovered"]
+print(f"{'accuracy (bf16)':<20} {'dense':>15} {'recovered':>15} {'retention':>10} {'paired diff':>16}")
+for task, res in dense["tasks"].items():
+    other, d = rec["tasks"][task], rec["paired"]["tasks"][task]
+    print(f"{task + ' (' + str(res['n']) + ' rows)':<20} {res['value']:>7.3f} ± {res['stderr']:.3f} "
+          f"{other['value']:>7.3f} ± {other['stderr']:.3f} {rec['retention']['tasks'][task]:>10.3f} "
+          f"{d['diff']:>+7.3f} ± {d['stderr']:.3f}{'' if d['distinguishable'] else ' (n.s.)'}")
+ret = rec["retention"]
+print(f"accuracy retention: mean of ratios {ret['mean_of_ratios']:.3f}, ratio of means {ret['ratio_of_means']:.3f}")
+PY
+fi
 echo "TensorBoard: tensorboard --logdir $RUNS"

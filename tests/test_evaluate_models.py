@@ -267,3 +267,38 @@ def test_unservable_task_stops_before_weights(tiny_checkpoint, tmp_path, monkeyp
         evaluate({"dense": str(tiny_checkpoint)}, tasks=["hellaswag"], data_dir=tmp_path / "none", out=tmp_path / "o")
     with pytest.raises(ValueError, match="letters, digits"):
         parse_models(["bad/name=x"])
+
+
+def test_quality_benchmark_table(tiny_checkpoint, pruned_checkpoint, tiny_task_data, tiny_text, tmp_path):
+    """benchmarks/quality.py end to end on a tiny model: mask export, rows, paired differences, Markdown, plot."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+    spec = importlib.util.spec_from_file_location("quality_benchmark", path)
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    mask = tmp_path / "mask.json"
+    mask.write_text(json.dumps({"model": str(tiny_checkpoint), "num_layers": 6, "drop": [1, 2, 3], "method": "tail",
+                                "extra": {"seconds": 1.5}}))
+    argv = ["--model", str(tiny_checkpoint), "--masks", f"drop3={mask}", "--recovered", f"drop2={pruned_checkpoint}",
+            "--reference", "drop2", "--tasks", "piqa", "boolq", "--data-dir", str(tiny_task_data), "--text-files",
+            str(tiny_text), "--max-length", "32", "--max-blocks", "4", "--batch-size", "2", "--dtype", "float32",
+            "--device", "cpu", "--tag", "tiny", "--results-dir", str(tmp_path / "docs"), "--work-dir",
+            str(tmp_path / "work")]
+    payload = quality.main(argv)
+    rows = {r["name"]: r for r in payload["rows"]}
+    assert list(rows) == ["dense", "drop3", "drop2"]
+    assert (rows["dense"]["num_layers"], rows["drop3"]["num_layers"], rows["drop2"]["num_layers"]) == (6, 3, 4)
+    assert rows["drop3"]["speedup"] == pytest.approx(2.0) and rows["drop3"]["mask_seconds"] == 1.5
+    assert rows["drop2"]["paired_vs_reference"] is None  # the reference row
+    diff = rows["drop3"]["paired_vs_reference"]["tasks"]["piqa"]
+    assert diff["diff"] == pytest.approx(rows["drop3"]["accuracy"]["piqa"]["value"]
+                                         - rows["drop2"]["accuracy"]["piqa"]["value"])
+    assert rows["dense"]["accuracy"]["boolq"]["split"] == "validation"
+    md = (tmp_path / "docs" / "quality_tiny.md").read_text()
+    assert "| drop3 | 3 | 1,2,3 |" in md and "Δavg vs drop2" in md
+    assert (tmp_path / "docs" / "quality_tiny.png").stat().st_size > 0
+    # A second call resumes: nothing is scored again, the table is the same.
+    again = quality.main(argv)
+    assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in payload["rows"]]
