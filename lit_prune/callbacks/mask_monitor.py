@@ -84,7 +84,7 @@ class MaskMonitor(L.Callback):
 
     The module must provide ``layer_gate_values() -> Tensor`` (1-D, one value in [0, 1] per layer, a deterministic
     view) and ``current_drop() -> list[int]`` (the layers the hard mask would drop now). A module with an integer
-    budget ``k`` (``TopKBudget``, driven by ``TopKAnnealing``) also gets ``k`` drawn under the heat map.
+    budget ``k`` (E3's ``GumbelTopKGate``, driven by ``TopKAnnealing``) also gets ``k`` drawn under the heat map.
 
     Args:
         every_n_steps: Log every this many optimizer steps.

@@ -46,7 +46,8 @@ Reference = Literal["none", "window_scan"]
 # are both listed so runs of either version compare.
 MODULE_ATTRS = (
     "method", "num_layers", "num_drop", "kl_direction", "direction", "ce_weight", "kd_share", "kd_weight",
-    "importance_init", "importance_scale", "loss", "weighting", "beta", "kd_temperature", "teacher_k",
+    "importance_init", "importance_scale", "refine", "loss", "weighting", "beta", "kd_temperature", "teacher_k",
+    "cache_variant",
     "train_scope", "lora_layers", "width", "r", "alpha", "dropout",
 )
 METRIC_ORDER = ("val/kl", "val/ppl", "train/loss")  # search, recovery, no validation
