@@ -1,7 +1,8 @@
-"""Time to a mask: each training-free baseline through the real CLI on a model of real shape with random weights.
+r"""Time to a mask: each training-free baseline through the real CLI on a model of real shape with random weights.
 
-    python benchmarks/time_to_mask.py --shape llama3-8b --out docs/results/time_to_mask_h200.json
-    python benchmarks/time_to_mask.py --shape tiny --allow-cpu --batches 2 --seq 64   # smoke run of the script
+    python -m benchmarks.time_to_mask --shape llama3-8b --reference window_scan \
+        --out docs/results/time_to_mask_h200.json
+    python -m benchmarks.time_to_mask --shape tiny --allow-cpu --batches 2 --seq 64   # smoke run of the script
 
 A Llama-3-8B-shaped model with random bf16 weights is built directly on the GPU and saved once (with a character
 tokenizer, whose ids are as good as any for timing), next to a generated text file. Then, per method, one process runs
@@ -32,9 +33,13 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine, write_json  # noqa: E402
-from search_overhead import SHAPES as _SHAPES  # noqa: E402
+sys.path.insert(0, str(ROOT))
+from benchmarks._common import machine, write_json  # noqa: E402
+
+try:
+    from benchmarks._common import SHAPES as _SHAPES
+except ImportError:  # older layout: the shapes lived in search_overhead.py
+    from benchmarks.search_overhead import SHAPES as _SHAPES
 
 SHAPES = {
     **_SHAPES,
@@ -154,8 +159,9 @@ def worker(args) -> None:
 
 def run_method(args, method: str, folder: Path, text: Path, work: Path, reference: bool) -> dict:
     run_dir = work / "runs" / (method + ("_reference" if reference else ""))
-    command = [sys.executable, __file__, "--worker", json.dumps(cli_args(args, method, folder, text, run_dir)),
-               "--method", method, *(["--reference"] if reference else [])]
+    command = [sys.executable, "-m", "benchmarks.time_to_mask", "--method", method,
+               "--worker", json.dumps(cli_args(args, method, folder, text, run_dir)),
+               *(["--reference"] if reference else [])]
     start = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
@@ -221,7 +227,7 @@ def main() -> None:
         worker(args)
         return
     if not torch.cuda.is_available() and not args.allow_cpu:
-        sys.exit("benchmarks/time_to_mask.py times GPU runs: it needs CUDA (--allow-cpu: a smoke run).")
+        sys.exit("benchmarks.time_to_mask times GPU runs: it needs CUDA (--allow-cpu: a smoke run).")
     if isinstance(args.reference, list) and args.reference and not set(args.reference) <= set(args.methods):
         sys.exit(f"--reference {args.reference} must be a subset of --methods {args.methods}.")
 
