@@ -24,6 +24,22 @@ The teacher comes in one of two forms:
   The reverse direction compares the student renormalised over the same K ids (the teacher's mass outside them is
   unknown). With K = vocab both are exactly the full-logit losses.
 
+A third form, :class:`SparseTeacher` (teacher cache v2), carries teacher log-probabilities normalised over the
+*full* vocabulary, so no renormalisation is needed:
+
+- ``tail`` set (``variant="tail"``): the top-K ids plus one bucket for the teacher's remaining mass. The KL is taken
+  between the K+1-bucket teacher and the student's own K+1 buckets (its probabilities at the K ids, and its mass
+  outside them). It equals the full KL when the K ids cover the teacher's support, and is never larger otherwise.
+  ``H_t`` is the entropy of the K+1 buckets (a lower bound on the full entropy).
+- ``counts`` set (``variant="sampled"``, random-sampling KD after Anshumann et al. 2025, arXiv 2503.16870): ids drawn
+  with replacement from the teacher's distribution, with counts ``c`` out of ``N`` draws.
+  ``sum c/N (log p_T - log p_S)`` over the drawn ids is an unbiased estimate of the full forward KL (and its
+  gradient of the full gradient); ``H_t = -sum c/N log p_T`` is an unbiased estimate of the entropy.
+
+``sampled`` needs temperature 1 and the forward direction (the draws are from the teacher at temperature 1, and the
+reverse KL needs the student's expectation, which they do not give). ``tail`` at temperature ``T`` softens the K+1
+buckets of both sides, each bucket as one token.
+
 Defaults: ``direction="forward"``, ``weighting="normalized"``, ``beta=1.0`` (used by ``linear`` only),
 ``temperature=1.0``, ``eps=1e-6``, ``ignore_index=-100``.
 """
@@ -41,7 +57,95 @@ from lit_prune.components.checks import check_choice
 from lit_prune.components.losses import IGNORE_INDEX, Direction, kl_from_log_probs, scored_positions, token_entropy
 
 Weighting = Literal["normalized", "linear", "none"]
-Teacher = Tensor | tuple[Tensor, Tensor]
+
+
+@dataclass
+class SparseTeacher:
+    """A teacher distribution kept at a few ids per token (teacher cache v2; see the module docstring).
+
+    Args:
+        indices: ``[batch, seq, K]`` token ids (long).
+        logprobs: ``[batch, seq, K]`` teacher log-probabilities at those ids, normalised over the full vocabulary.
+        tail: ``[batch, seq]`` log of the teacher's mass outside ``indices`` (top-K + tail form), or None.
+        counts: ``[batch, seq, K]`` draws per id out of ``counts.sum(-1)`` (sampled form; 0 marks an empty slot).
+    """
+
+    indices: Tensor
+    logprobs: Tensor
+    tail: Tensor | None = None
+    counts: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.tail is None) == (self.counts is None):
+            raise ValueError("A SparseTeacher has exactly one of `tail` (top-K + tail) and `counts` (sampled ids).")
+        if self.indices.shape != self.logprobs.shape:
+            raise ValueError(
+                f"SparseTeacher indices {tuple(self.indices.shape)} and logprobs {tuple(self.logprobs.shape)} differ."
+            )
+
+    def to(self, device) -> SparseTeacher:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return SparseTeacher(move(self.indices), move(self.logprobs), move(self.tail), move(self.counts))
+
+
+Teacher = Tensor | tuple[Tensor, Tensor] | SparseTeacher
+
+
+def _log_one_minus_exp(log_x: Tensor) -> Tensor:
+    """``log(1 - exp(a))`` for ``a <= 0``, accurate at both ends (Maechler's two branches)."""
+    a = log_x.clamp(max=-1e-30)  # a student with all its mass on the K ids has an empty tail
+    return torch.where(a > -0.6931, torch.log(-torch.expm1(a)), torch.log1p(-torch.exp(a)))
+
+
+def sparse_kd_terms(
+    student_logits: Tensor, teacher: SparseTeacher, direction: Direction = "forward", temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """Per-token KL and teacher entropy (temperature 1) ``[batch, seq]`` from a :class:`SparseTeacher`.
+
+    With ``temperature != 1`` (top-K + tail only) both sides' K+1 buckets are softened as if each were one token,
+    ``softmax(log p / T)``: exact for the full distribution when the K ids cover the teacher's support.
+    """
+    logp_s_all = F.log_softmax(student_logits.float(), dim=-1)
+    logp_s = logp_s_all.gather(-1, teacher.indices.long())
+    logp_t = teacher.logprobs.detach().float()
+    if teacher.counts is not None:
+        if temperature != 1.0:
+            raise ValueError(
+                f"Sampled teacher ids are draws at temperature 1; got `kd_temperature`={temperature}. Use 1.0, or a "
+                "top-K cache (`tail` or `renormalized`) to distil at another temperature."
+            )
+        if direction != "forward":
+            raise ValueError(
+                "A sampled teacher cache gives an unbiased estimate of the forward KL only; use "
+                "`kl_direction: forward`, or a top-K cache for the reverse direction."
+            )
+        share = teacher.counts.float() / teacher.counts.float().sum(-1, keepdim=True).clamp(min=1)
+        logp_t = torch.where(share > 0, logp_t, torch.zeros_like(logp_t))  # empty slots: no term, no nan
+        kl = (share * (logp_t - logp_s)).sum(-1)
+        with torch.no_grad():
+            entropy = -(share * logp_t).sum(-1)
+        return kl, entropy
+    tail_t = teacher.tail.detach().float()
+    if temperature == 1.0:
+        tail_s = _log_one_minus_exp(torch.logsumexp(logp_s, dim=-1))
+    else:  # softening lifts a rounding-noise tail (1e-7 -> 1e-3 at T = 2.5): sum the complement exactly instead
+        tail_s = torch.logsumexp(logp_s_all.scatter(-1, teacher.indices.long(), float("-inf")), dim=-1)
+    buckets_t = torch.cat([logp_t, tail_t.unsqueeze(-1)], dim=-1)
+    buckets_s = torch.cat([logp_s, tail_s.unsqueeze(-1)], dim=-1)
+    with torch.no_grad():
+        p_1 = buckets_t.exp()
+        entropy = -torch.where(p_1 > 0, p_1 * buckets_t, torch.zeros_like(p_1)).sum(-1)
+    if temperature != 1.0:
+        buckets_t = F.log_softmax(buckets_t / temperature, dim=-1)
+        buckets_s = F.log_softmax(buckets_s / temperature, dim=-1)
+    p_t = buckets_t.exp()
+    if direction == "forward":  # terms of a zero teacher bucket are 0 (not 0 * inf)
+        kl = torch.where(p_t > 0, p_t * (buckets_t - buckets_s), torch.zeros_like(p_t)).sum(-1)
+    else:
+        # An empty teacher bucket would make any student mass there infinitely costly; 1e-12 bounds it.
+        buckets_s = buckets_s.clamp(min=-1e4)  # an empty student bucket: 0 * finite, so no nan in the gradient
+        kl = (buckets_s.exp() * (buckets_s - buckets_t.clamp(min=-27.6))).sum(-1)
+    return kl, entropy
 
 
 @dataclass
@@ -183,8 +287,17 @@ def entropy_aware_kd_terms(
     check_choice(direction, Direction, "direction")
     if not temperature > 0:
         raise ValueError(f"`temperature` must be > 0, got {temperature}.")
-    indices, t_logits = _teacher_form(student_logits, teacher)
     mask = scored_positions(labels, student_logits.shape[:2], ignore_index, student_logits.device)
+    if isinstance(teacher, SparseTeacher):
+        if tuple(teacher.indices.shape[:2]) != tuple(student_logits.shape[:2]):
+            raise ValueError(
+                f"Sparse teacher {tuple(teacher.indices.shape)} does not match the student's [batch, seq] "
+                f"{list(student_logits.shape[:2])}."
+            )
+        kl, entropy = sparse_kd_terms(student_logits, teacher, direction, temperature)
+        weights = weights_from_entropy(entropy, weighting, beta, mask, eps)
+        return KDTerms(kl=kl, weights=weights, entropy=entropy, mask=mask, temperature=float(temperature))
+    indices, t_logits = _teacher_form(student_logits, teacher)
     t_logits = t_logits.detach().float()
     with torch.no_grad():
         entropy = token_entropy(t_logits)
@@ -232,3 +345,51 @@ def entropy_aware_kd(
     return entropy_aware_kd_terms(
         student_logits, teacher, labels, direction, temperature, weighting, beta, ignore_index, eps
     ).loss()
+
+
+def sample_teacher(
+    logits: Tensor, draws: int, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Draw ``draws`` ids per position from ``softmax(logits)`` (with replacement), merged into distinct ids + counts.
+
+    Args:
+        logits: ``[batch, seq, vocab]`` teacher logits (temperature 1).
+        draws: Samples per position (1..255, counts are stored as uint8).
+        generator: Seeded generator for reproducible caches.
+
+    Returns:
+        ``(indices, logprobs, counts)``, each ``[batch, seq, draws]``: distinct ids left-aligned, the teacher's
+        log-probability at each, and how often it was drawn; unused slots have count 0, id 0 and log-prob 0.
+    """
+    if not 1 <= draws <= 255:
+        raise ValueError(f"`draws` must be in [1, 255] (counts are stored as uint8), got {draws}.")
+    logp = F.log_softmax(logits.detach().float(), dim=-1)
+    flat = logp.reshape(-1, logp.size(-1))
+    drawn = torch.multinomial(flat.exp(), draws, replacement=True, generator=generator)
+    drawn, _ = drawn.sort(dim=-1)
+    new = torch.ones_like(drawn, dtype=torch.bool)
+    new[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
+    slot = new.long().cumsum(-1) - 1  # slot of each draw's distinct id
+    counts = torch.zeros_like(drawn).scatter_add_(1, slot, torch.ones_like(drawn))
+    indices = torch.zeros_like(drawn).scatter_(1, slot, drawn)
+    used = counts > 0
+    indices = torch.where(used, indices, torch.zeros_like(indices))
+    logprobs = torch.where(used, flat.gather(1, indices), torch.zeros_like(flat[:, :draws]))
+    shape = (*logits.shape[:-1], draws)
+    return indices.view(shape), logprobs.view(shape), counts.view(shape)
+
+
+def topk_with_tail(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The K most likely ids, their log-probabilities over the full vocabulary, and the log of the rest's mass.
+
+    Returns:
+        ``(indices [.., k] long, logprobs [.., k] float32, tail [..] float32)``; ``tail`` is ``-inf`` when the K ids
+        hold all the mass.
+    """
+    vocab = logits.size(-1)
+    if not 1 <= k <= vocab:
+        raise ValueError(f"`k` must be in [1, {vocab}] (the vocabulary size), got {k}.")
+    logp = F.log_softmax(logits.detach().float(), dim=-1)
+    top, indices = logp.topk(k, dim=-1)
+    rest = logp.scatter(-1, indices, float("-inf"))
+    return indices, top, torch.logsumexp(rest, dim=-1)

@@ -1,19 +1,34 @@
-"""Offline teacher top-K logits on disk (E3-Pruner's recovery: "Top-10 in all configs").
+"""Offline teacher distributions on disk: top-K + tail (default), sampled ids, or E3's top-K logits (format v1).
 
 One pass of the teacher over the training blocks writes, for every block of ``seq_len`` tokens::
 
     <out_dir>/
-      meta.json          model id, vocab size, k, seq_len, num_blocks, num_tokens, dtypes, bytes_per_token,
-                         data_hash (one hash over every block's hash, in order), free-form data description
+      meta.json          format, version, kind, model id, vocab size, k (slots per token), seq_len, num_blocks,
+                         num_tokens, dtypes, bytes_per_token, data_hash (one hash over every block's hash, in order),
+                         free-form data description (files, tokenizer, max_length, ...)
       block_hashes.npy   uint64 [num_blocks]: 64-bit blake2b of each block's input_ids (the lookup key)
-      indices.bin        int32   [num_blocks, seq_len, k]  teacher top-k token ids (raw memmap, C order)
-      values.bin         float16 [num_blocks, seq_len, k]  their logits at temperature 1
+      indices.bin        uint16 (vocab <= 65536) or int32 [num_blocks, seq_len, k]  token ids (raw memmap, C order)
+      values.bin         float16 [num_blocks, seq_len, k]  the teacher's log-probabilities at those ids, normalised
+                         over the full vocabulary (format v1: raw top-K logits)
+      tail.bin           float16 [num_blocks, seq_len]     kind "topk": log of the mass outside the K ids
+      counts.bin         uint8   [num_blocks, seq_len, k]  kind "sampled": draws per id (0 = empty slot)
 
-Storage is ``k * (4 + 2)`` bytes per token (60 for k = 10, about 30 GB for 0.5B tokens) plus 8 bytes per block.
+Kinds (format version 2):
+
+- ``topk`` (default): the K most likely ids plus the tail mass; read as ``variant="tail"`` (KL over K+1 buckets, exact
+  when K covers the teacher's support) or ``variant="renormalized"`` (E3-Pruner's renormalised top-K, the paper's
+  recipe, kept to reproduce it).
+- ``sampled``: ``draws`` ids sampled from the teacher with replacement, stored as distinct ids with counts (random
+  sampling KD, Anshumann et al. 2025): an unbiased estimate of the full KD loss (``variant="sampled"``).
+
+Storage per token: ``topk`` ``k * (2 + 2) + 2`` bytes with uint16 ids (62 for k = 15; 6 per id with int32 ids),
+``sampled`` ``k * (2 + 2 + 1)``, plus 8 bytes per block. Format v1 caches (top-K logits, written before the tail
+existed) are still read, for the ``renormalized`` variant only; anything else asks for a rebuild.
+
 Blocks are looked up by the hash of their token ids, so training may shuffle, resume or use a subset of the cached
-blocks; a batch whose blocks are not in the cache (other data, tokenizer, block length, ...) raises
-:class:`TeacherCacheError` naming the cache folder and what differs. The arrays are memory-mapped: a cache larger than
-RAM costs only the pages of the blocks a batch touches.
+blocks; :meth:`TopKCache.check_blocks` refuses data that is not in the cache before any weights load, and a batch
+whose blocks are not in the cache raises :class:`TeacherCacheError` naming the cache folder and what differs. The
+arrays are memory-mapped: a cache larger than RAM costs only the pages of the blocks a batch touches.
 """
 
 from __future__ import annotations
@@ -28,17 +43,31 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lit_prune.components.kd import topk_teacher
+from lit_prune.components.kd import SparseTeacher, sample_teacher, topk_with_tail
 from lit_prune.io import save_atomically
 
 FORMAT = "lit_prune.topk_teacher_cache"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 META = "meta.json"
 HASHES = "block_hashes.npy"
 INDICES = "indices.bin"
 VALUES = "values.bin"
-INDEX_DTYPE = np.int32
+TAIL = "tail.bin"
+COUNTS = "counts.bin"
+INDEX_DTYPE = np.int32  # vocabularies above 65536 ids
+SMALL_INDEX_DTYPE = np.uint16
 VALUE_DTYPE = np.float16
+COUNT_DTYPE = np.uint8
+KINDS = ("topk", "sampled")
+# variant -> the cache kinds it can read ("topk_logits" = format v1).
+VARIANTS = {"tail": ("topk",), "renormalized": ("topk", "topk_logits"), "sampled": ("sampled",)}
+REBUILD = "python -m lit_prune cache-teacher --model M --text-files ... --out DIR"
+
+
+def index_dtype(vocab_size: int) -> np.dtype:
+    """uint16 ids where the vocabulary fits (2 bytes saved per id), int32 otherwise."""
+    return np.dtype(SMALL_INDEX_DTYPE if 0 < vocab_size <= np.iinfo(SMALL_INDEX_DTYPE).max + 1 else INDEX_DTYPE)
 
 
 class TeacherCacheError(ValueError):
@@ -80,29 +109,38 @@ def write_topk_cache(
     data_info: dict[str, Any] | None = None,
     device: torch.device | str | None = None,
     log_every: int = 0,
+    kind: str = "topk",
+    seed: int = 0,
 ) -> Path:
-    """Run ``model`` over ``batches`` and store its top-``k`` logits per token.
+    """Run ``model`` over ``batches`` and store a sparse form of its next-token distribution per token.
 
     Args:
         model: The teacher (a causal LM returning ``.logits``); put in eval mode here.
         batches: Dicts with ``input_ids`` (or plain tensors) of shape ``[batch, seq]``, every block of one length.
         out_dir: Destination folder; must be empty or new unless ``overwrite``. Written atomically.
-        k: Logits kept per token.
+        k: Ids kept per token: the top-K (``kind="topk"``), or the number of draws (``kind="sampled"``, <= 255).
         model_id: Id recorded in meta.json (default: the model config's ``_name_or_path``).
         overwrite: Replace a non-empty ``out_dir``.
         data_info: Free-form description of the data (files, max_length, ...) recorded in meta.json.
         device: Where the teacher runs (default: where its weights are).
         log_every: Print progress every this many batches (0 = quiet).
+        kind: ``topk`` (top-K log-probabilities + tail mass) or ``sampled`` (ids drawn from the teacher, with counts).
+        seed: Seed of the draws of ``kind="sampled"``.
 
     Returns:
         The cache folder.
     """
     config = getattr(model, "config", None)
     vocab_size = int(getattr(config, "vocab_size", 0) or 0)
-    if vocab_size and not 1 <= k <= vocab_size:
+    if vocab_size and kind == "topk" and not 1 <= k <= vocab_size:
         raise ValueError(f"`k` must be in [1, {vocab_size}] (the model's vocabulary), got {k}.")
     if vocab_size > np.iinfo(INDEX_DTYPE).max:
         raise ValueError(f"vocab_size={vocab_size} does not fit the cache's int32 token ids.")
+    if kind not in KINDS:
+        raise ValueError(f"`kind` must be one of {', '.join(KINDS)}, got {kind!r}.")
+    if kind == "sampled" and not 1 <= k <= 255:
+        raise ValueError(f"`k` (draws per token) of a sampled cache must be in [1, 255], got {k}.")
+    generator = torch.Generator(device="cpu").manual_seed(seed)
     model.eval()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model_id = model_id or str(getattr(config, "_name_or_path", "") or "unknown")
@@ -111,7 +149,10 @@ def write_topk_cache(
         hashes: list[int] = []
         seq_len: int | None = None
         logits_vocab = vocab_size
-        with open(folder / INDICES, "wb") as f_idx, open(folder / VALUES, "wb") as f_val:
+        ids_dtype = index_dtype(vocab_size)
+        extra_name, extra_dtype = (TAIL, VALUE_DTYPE) if kind == "topk" else (COUNTS, COUNT_DTYPE)
+        with open(folder / INDICES, "wb") as f_idx, open(folder / VALUES, "wb") as f_val, \
+                open(folder / extra_name, "wb") as f_extra:
             for step, batch in enumerate(batches):
                 input_ids = _input_ids(batch)
                 if input_ids.dim() != 2:
@@ -125,9 +166,13 @@ def write_topk_cache(
                     )
                 logits = model(input_ids=input_ids.to(device), use_cache=False).logits
                 logits_vocab = int(logits.size(-1))
-                indices, values = topk_teacher(logits, k)
-                f_idx.write(indices.cpu().numpy().astype(INDEX_DTYPE, copy=False).tobytes())
+                if kind == "topk":
+                    indices, values, extra = topk_with_tail(logits, k)
+                else:  # draws on the CPU generator keep a cache reproducible across devices
+                    indices, values, extra = sample_teacher(logits.cpu(), k, generator)
+                f_idx.write(indices.cpu().numpy().astype(ids_dtype, copy=False).tobytes())
                 f_val.write(values.cpu().numpy().astype(VALUE_DTYPE, copy=False).tobytes())
+                f_extra.write(extra.cpu().numpy().astype(extra_dtype, copy=False).tobytes())
                 hashes.extend(block_hash(row) for row in input_ids.cpu())
                 if log_every and (step + 1) % log_every == 0:
                     print(f"cached {len(hashes)} blocks")
@@ -135,23 +180,27 @@ def write_topk_cache(
             raise ValueError("No batches to cache: the data gave no training blocks.")
         np.save(folder / HASHES, np.asarray(hashes, dtype=np.uint64))
         num_tokens = len(hashes) * seq_len
-        data_bytes = sum((folder / name).stat().st_size for name in (INDICES, VALUES, HASHES))
+        data_bytes = sum((folder / name).stat().st_size for name in (INDICES, VALUES, extra_name, HASHES))
         meta = {
             "format": FORMAT,
             "version": VERSION,
+            "kind": kind,
             "model": model_id,
             "vocab_size": logits_vocab,
             "k": k,
             "seq_len": seq_len,
             "num_blocks": len(hashes),
             "num_tokens": num_tokens,
-            "index_dtype": np.dtype(INDEX_DTYPE).name,
+            "index_dtype": ids_dtype.name,
             "value_dtype": np.dtype(VALUE_DTYPE).name,
+            "values": "log-probabilities over the full vocabulary",
             "logits_temperature": 1.0,
             "bytes_per_token": round(data_bytes / num_tokens, 4),
             "data_hash": data_hash(hashes),
             "data": data_info or {},
         }
+        if kind == "sampled":
+            meta["seed"] = seed
         (folder / META).write_text(json.dumps(meta, indent=2) + "\n")
 
     return save_atomically(out_dir, write, overwrite)
@@ -170,37 +219,66 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         meta = json.loads(meta_file.read_text())
     except json.JSONDecodeError as err:
         raise TeacherCacheError(f"{str(meta_file)!r} is not valid JSON: {err}. Rebuild the cache.") from None
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+    if meta.get("format") != FORMAT or meta.get("version") not in READABLE_VERSIONS:
         raise TeacherCacheError(
             f"{str(folder)!r} has format {meta.get('format')!r} version {meta.get('version')!r}; this lit_prune "
-            f"reads {FORMAT!r} version {VERSION}. Rebuild the cache with this version."
+            f"reads {FORMAT!r} versions {READABLE_VERSIONS}. Rebuild the cache: {REBUILD}."
         )
+    if meta["version"] == 1:
+        meta["kind"] = "topk_logits"  # v1 stored raw top-K logits, no tail
     return meta
 
 
 class TopKCache:
-    """Read a top-K teacher cache written by :func:`write_topk_cache`.
+    """Read a teacher cache written by :func:`write_topk_cache`.
 
     Args:
         path: The cache folder.
+        variant: How the KD loss reads it: ``tail`` (top-K + tail, the default for ``topk`` caches),
+            ``renormalized`` (E3-Pruner's top-K renormalised over the K ids; the only one a format-v1 cache allows)
+            or ``sampled`` (the default and only variant of ``sampled`` caches). None picks the cache's default.
+        key: Config key named in errors.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(
+        self, path: str | Path, variant: str | None = None, key: str = "model.init_args.cache_variant"
+    ) -> None:
         self.path = Path(path)
         self.meta = read_meta(self.path)
+        self.kind = str(self.meta.get("kind", "topk"))
+        if variant is None:
+            variant = {"topk": "tail", "topk_logits": "renormalized", "sampled": "sampled"}.get(self.kind)
+        if variant not in VARIANTS:
+            raise TeacherCacheError(f"`{key}` must be one of {', '.join(VARIANTS)} or null, got {variant!r}.")
+        if self.kind not in VARIANTS[variant]:
+            kind_flag = " --kind sampled" if variant == "sampled" else ""
+            hint = f"Rebuild it with this version for `{variant}`: {REBUILD}{kind_flag}"
+            if self.kind == "sampled":
+                hint = "Use `sampled` with this cache, or build a top-K cache for `tail` / `renormalized`."
+            raise TeacherCacheError(
+                f"{str(self.path)!r} is a {self.kind!r} cache (format version {self.meta['version']}), which cannot "
+                f"give the `{key}: {variant}` loss. {hint}"
+            )
+        self.variant = variant
         self.k = int(self.meta["k"])
         self.seq_len = int(self.meta["seq_len"])
         self.vocab_size = int(self.meta["vocab_size"])
         self.num_blocks = int(self.meta["num_blocks"])
         hashes = np.load(self.path / HASHES)
         shape = (self.num_blocks, self.seq_len, self.k)
-        expected = {INDICES: np.dtype(INDEX_DTYPE), VALUES: np.dtype(VALUE_DTYPE)}
-        for name, dtype in expected.items():
+        ids = np.dtype(self.meta.get("index_dtype", "int32"))
+        self.files = {INDICES: (ids, shape), VALUES: (np.dtype(VALUE_DTYPE), shape)}
+        if self.kind == "topk":
+            self.files[TAIL] = (np.dtype(VALUE_DTYPE), shape[:2])
+        elif self.kind == "sampled":
+            self.files[COUNTS] = (np.dtype(COUNT_DTYPE), shape)
+        for name, (dtype, file_shape) in self.files.items():
             size = (self.path / name).stat().st_size if (self.path / name).is_file() else -1
-            if size != int(np.prod(shape)) * dtype.itemsize:
+            if size != int(np.prod(file_shape)) * dtype.itemsize:
                 raise TeacherCacheError(
-                    f"{str(self.path / name)!r} has {size} bytes, expected {int(np.prod(shape)) * dtype.itemsize} "
-                    f"for {shape} {dtype.name} (meta.json). The cache is incomplete or corrupt: rebuild it."
+                    f"{str(self.path / name)!r} has {size} bytes, expected "
+                    f"{int(np.prod(file_shape)) * dtype.itemsize} for {file_shape} {dtype.name} (meta.json). The "
+                    f"cache is incomplete or corrupt: rebuild it ({REBUILD})."
                 )
         if len(hashes) != self.num_blocks:
             raise TeacherCacheError(
@@ -208,21 +286,46 @@ class TopKCache:
                 "blocks. Rebuild the cache."
             )
         self.shape = shape
-        self._arrays: tuple[np.memmap, np.memmap] | None = None
+        self._arrays: dict[str, np.memmap] | None = None
         # Identical blocks have identical teacher outputs, so the first row of a repeated hash serves them all.
         self.rows: dict[int, int] = {}
         for row, h in enumerate(hashes.tolist()):
             self.rows.setdefault(int(h), row)
 
     @property
-    def arrays(self) -> tuple[np.memmap, np.memmap]:
-        """``(indices, values)`` memory maps of shape ``[num_blocks, seq_len, k]``, opened on first use."""
+    def arrays(self) -> dict[str, np.memmap]:
+        """Memory maps of the cache files (``indices.bin``, ``values.bin``, ``tail.bin`` | ``counts.bin``)."""
         if self._arrays is None:
-            self._arrays = (
-                np.memmap(self.path / INDICES, dtype=INDEX_DTYPE, mode="r", shape=self.shape),
-                np.memmap(self.path / VALUES, dtype=VALUE_DTYPE, mode="r", shape=self.shape),
-            )
+            self._arrays = {name: np.memmap(self.path / name, dtype=dtype, mode="r", shape=shape)
+                            for name, (dtype, shape) in self.files.items()}
         return self._arrays
+
+    def check_blocks(self, blocks: Iterable, key: str = "data") -> None:
+        """Refuse training data with blocks the cache does not hold (before any weights load).
+
+        Args:
+            blocks: ``[seq]`` token-id rows, or dicts with ``input_ids`` (a DataModule's training set).
+            key: Config section named in errors.
+        """
+        missing, total, first = 0, 0, None
+        for block in blocks:
+            tokens = block["input_ids"] if isinstance(block, dict) else block
+            tokens = torch.as_tensor(tokens)
+            total += 1
+            if tokens.shape[-1] != self.seq_len:
+                raise TeacherCacheError(
+                    f"Teacher cache {str(self.path)!r} holds blocks of {self.seq_len} tokens, the `{key}` blocks have "
+                    f"{tokens.shape[-1]}. Use `data.max_length: {self.seq_len}`, or rebuild the cache: {REBUILD}."
+                )
+            if block_hash(tokens) not in self.rows:
+                missing += 1
+                first = total - 1 if first is None else first
+        if missing:
+            raise TeacherCacheError(
+                f"Teacher cache {str(self.path)!r} lacks {missing} of the {total} training blocks of `{key}` (first: "
+                f"block {first}). It was built from data {self.meta.get('data') or 'unknown'}; the corpus, tokenizer, "
+                f"max_length or split differ. Use the cache's data settings, or rebuild it from these: {REBUILD}."
+            )
 
     def __getstate__(self) -> dict[str, Any]:
         # Pickling (spawned workers, deepcopy) must not copy the arrays: each process maps the files itself.
@@ -241,18 +344,19 @@ class TopKCache:
 
     def __repr__(self) -> str:
         return (
-            f"TopKCache({str(self.path)!r}: {self.meta['model']}, k={self.k}, {self.num_blocks} blocks x "
-            f"{self.seq_len} tokens, {self.bytes_per_token:g} bytes/token)"
+            f"TopKCache({str(self.path)!r}: {self.kind} read as {self.variant}, {self.meta['model']}, k={self.k}, "
+            f"{self.num_blocks} blocks x {self.seq_len} tokens, {self.bytes_per_token:g} bytes/token)"
         )
 
-    def lookup(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
-        """Teacher top-K for a batch of blocks.
+    def lookup(self, input_ids: Tensor) -> tuple[Tensor, Tensor] | SparseTeacher:
+        """The cached teacher for a batch of blocks, in the form the KD loss of ``self.variant`` reads.
 
         Args:
             input_ids: ``[batch, seq]`` token ids of blocks the cache was built from.
 
         Returns:
-            ``(indices, values)``: ``[batch, seq, k]`` int64 token ids and float16 logits on ``input_ids.device``.
+            ``renormalized``: ``(indices, values)``, ``[batch, seq, k]`` int64 token ids and float16 values (log-probs;
+            logits for a v1 cache); ``tail`` / ``sampled``: a :class:`SparseTeacher`. On ``input_ids.device``.
         """
         if input_ids.dim() != 2 or input_ids.size(1) != self.seq_len:
             raise TeacherCacheError(
@@ -275,10 +379,16 @@ class TopKCache:
                 )
             rows.append(row)
         order = np.asarray(rows)
-        all_indices, all_values = self.arrays
-        indices = torch.from_numpy(np.ascontiguousarray(all_indices[order])).long()
-        values = torch.from_numpy(np.ascontiguousarray(all_values[order]))
-        return indices.to(input_ids.device), values.to(input_ids.device)
+        arrays = self.arrays
+        take = lambda name: torch.from_numpy(np.ascontiguousarray(arrays[name][order]))  # noqa: E731
+        indices, values = take(INDICES).long(), take(VALUES)
+        if self.variant == "renormalized":  # E3's form: softmax over the K values (logits or log-probs alike)
+            return indices.to(input_ids.device), values.to(input_ids.device)
+        if self.variant == "tail":
+            teacher = SparseTeacher(indices, values.float(), tail=take(TAIL).float())
+        else:
+            teacher = SparseTeacher(indices, values.float(), counts=take(COUNTS).long())
+        return teacher.to(input_ids.device)
 
     def check_compatible(
         self,

@@ -15,11 +15,20 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import torch.nn.functional as F
 from torch import Tensor
 
 from lit_prune.assets import canonical_model_id
 from lit_prune.components.checks import check_choice
-from lit_prune.components.kd import Teacher, Weighting, entropy_aware_kd_terms, topk_teacher
+from lit_prune.components.kd import (
+    SparseTeacher,
+    Teacher,
+    Weighting,
+    entropy_aware_kd_terms,
+    sample_teacher,
+    topk_teacher,
+    topk_with_tail,
+)
 from lit_prune.components.layers import decoder_layers
 from lit_prune.components.losses import Direction, kd_ce_mix, next_token_ce
 from lit_prune.components.teacher_cache import TeacherCacheError, TopKCache
@@ -27,6 +36,7 @@ from lit_prune.deprecation import renamed_key
 from lit_prune.stages.recovery import RecoveryStage, check_share
 
 TrainScope = Literal["all", "lora", "endpoints"]
+CacheVariant = Literal["tail", "renormalized", "sampled"]
 LoraLayers = Literal["all", "endpoints"]
 
 
@@ -45,6 +55,11 @@ class Distill(RecoveryStage):
             loaded. Set this or ``teacher``.
         teacher_k: Top-K of the teacher: with ``teacher``, restrict it to its K largest logits (as a cache would);
             with ``teacher_cache``, the K the cache must have. Null: full logits / the cache's K.
+        cache_variant: How a top-K teacher (cached, or online with ``teacher_k``) enters the KL: ``tail`` (top-K
+            log-probs + the remaining mass as one bucket; the default of a v2 top-K cache), ``renormalized``
+            (E3-Pruner's top-K renormalised over the K ids, the paper's recipe) or ``sampled`` (ids drawn from the
+            teacher with counts: an unbiased estimate of the full KD; ``teacher_k`` draws online). Null: the
+            cache's default; ``renormalized`` for an online teacher with ``teacher_k``.
         kd_share: Share of the KD term: ``(1 - kd_share) * CE + kd_share * KD``; 1 = pure KD, 0 = plain CE (then no
             teacher is loaded).
         kl_direction: ``forward`` = KL(teacher || student), ``reverse`` = KL(student || teacher).
@@ -65,6 +80,7 @@ class Distill(RecoveryStage):
         *,
         teacher_cache: str | None = None,
         teacher_k: int | None = None,
+        cache_variant: CacheVariant | None = None,
         kd_share: float = 1.0,
         kl_direction: Direction = "forward",
         weighting: Weighting = "normalized",
@@ -99,6 +115,9 @@ class Distill(RecoveryStage):
                 f"teacher_cache={teacher_cache!r}."
             )
         self.teacher_k = teacher_k
+        if cache_variant is not None:
+            check_choice(cache_variant, CacheVariant, "model.init_args.cache_variant")
+        self.cache_variant = cache_variant
         self.cache: TopKCache | None = None
         if teacher is not None:
             config = self.check_teacher(teacher)
@@ -108,7 +127,7 @@ class Distill(RecoveryStage):
                 )
         else:
             try:
-                self.cache = TopKCache(teacher_cache)
+                self.cache = TopKCache(teacher_cache, cache_variant)
             except TeacherCacheError as err:
                 raise ValueError(f"`model.init_args.teacher_cache`={teacher_cache!r}: {err}") from None
             source = self.mask.model if self.mask is not None else canonical_model_id(pretrained)
@@ -135,6 +154,9 @@ class Distill(RecoveryStage):
         max_length = getattr(getattr(datamodule, "hparams", None), "max_length", None)
         if self.cache is not None and max_length is not None:
             self.cache.check_compatible(seq_len=int(max_length))
+        train_set = getattr(datamodule, "train_set", None)
+        if self.cache is not None and train_set is not None:  # other corpus/tokenizer/split: refused before weights
+            self.cache.check_blocks(train_set)
 
     def on_model_loaded(self) -> None:
         self.build_student()
@@ -162,7 +184,14 @@ class Distill(RecoveryStage):
         logits = self.teacher_logits(input_ids)
         if self.teacher_k is None:
             return logits
-        indices, values = topk_teacher(logits, self.teacher_k)
+        if self.cache_variant == "tail":
+            indices, logprobs, tail = topk_with_tail(logits, self.teacher_k)
+            return SparseTeacher(indices, logprobs, tail=tail)
+        if self.cache_variant == "sampled":
+            indices, logprobs, counts = sample_teacher(logits, self.teacher_k)
+            return SparseTeacher(indices, logprobs, counts=counts)
+        # Log-probs rather than logits: the same renormalised loss, rounded as a cache stores it.
+        indices, values = topk_teacher(F.log_softmax(logits.float(), dim=-1), self.teacher_k)
         return indices.long(), values
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:

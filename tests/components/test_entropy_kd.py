@@ -5,10 +5,13 @@ import torch
 import torch.nn.functional as F
 
 from lit_prune.components.kd import (
+    SparseTeacher,
     entropy_aware_kd,
     entropy_aware_kd_terms,
     entropy_weights,
+    sample_teacher,
     topk_teacher,
+    topk_with_tail,
     weights_from_entropy,
 )
 from lit_prune.components.losses import token_entropy
@@ -158,3 +161,82 @@ def test_topk_teacher_storage_form_and_errors():
         entropy_aware_kd(_logits(0), teacher, weighting="entropy")
     with pytest.raises(ValueError, match="integer token ids"):
         entropy_aware_kd(_logits(0), (idx.float(), vals))
+
+
+# ---------------------------------------------------------------- cache v2 forms: top-K + tail, sampled ids
+
+
+def _full_forward_kl(student, teacher):
+    t, s = F.log_softmax(teacher, -1), F.log_softmax(student, -1)
+    return (t.exp() * (t - s)).sum(-1)
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_topk_tail_is_exact_when_k_covers_the_teacher_support(direction):
+    student, teacher, labels = _logits(0), _logits(1), _labels()
+    full = entropy_aware_kd(student, teacher, labels, direction, weighting="none")
+    idx, logp, tail = topk_with_tail(teacher, V)  # K = vocabulary: the tail is empty
+    assert torch.isinf(tail).all()
+    got = entropy_aware_kd(student, SparseTeacher(idx, logp, tail=tail), labels, direction, weighting="none")
+    torch.testing.assert_close(got, full)
+    student.requires_grad_(True)
+    hot = entropy_aware_kd(student, SparseTeacher(idx, logp, tail=tail), labels, direction, 2.5, weighting="none")
+    torch.testing.assert_close(hot, entropy_aware_kd(student, teacher, labels, direction, 2.5, weighting="none"))
+    assert torch.isfinite(torch.autograd.grad(hot, student)[0]).all()  # an empty tail gives no nan gradient
+    student = student.detach()
+    # Support of 4 ids (the rest has probability 0): top-4 + an empty tail is still exact.
+    sparse = teacher.clone()
+    sparse[..., 4:] = float("-inf")
+    idx, logp, tail = topk_with_tail(sparse, 4)
+    got = entropy_aware_kd(student, SparseTeacher(idx, logp, tail=tail), labels, "forward", weighting="none")
+    want = (_full_forward_kl(student, sparse.clamp(min=-1e4)) * _scored(labels)).sum() / _scored(labels).sum()
+    torch.testing.assert_close(got, want)
+
+
+def test_topk_tail_kl_is_the_kl_of_k_plus_one_buckets_and_never_above_the_full_kl():
+    student, teacher = _logits(0), _logits(1)
+    idx, logp, tail = topk_with_tail(teacher, 3)
+    terms = entropy_aware_kd_terms(student, SparseTeacher(idx, logp, tail=tail), weighting="none")
+    s = F.log_softmax(student, -1)
+    s_k = s.gather(-1, idx)
+    s_tail = torch.log1p(-s_k.exp().sum(-1))
+    p = torch.cat([logp, tail[..., None]], -1)
+    q = torch.cat([s_k, s_tail[..., None]], -1)
+    torch.testing.assert_close(terms.kl, (p.exp() * (p - q)).sum(-1), rtol=1e-4, atol=1e-6)
+    full = _full_forward_kl(student, teacher)
+    assert (terms.kl <= full + 1e-6).all() and (terms.kl > 0).all()
+    # The student's mass outside the K ids is what the tail bucket compares; renormalised top-K ignores its split.
+    entropy_k1 = -(p.exp() * p).sum(-1)
+    torch.testing.assert_close(terms.entropy, entropy_k1)
+    assert (terms.entropy <= token_entropy(teacher) + 1e-5).all()
+
+
+def test_sampled_kd_is_an_unbiased_estimate_of_the_full_kl_and_its_gradient():
+    student = _logits(0, scale=1.0).requires_grad_(True)
+    teacher = _logits(1, scale=1.0)
+    full = _full_forward_kl(student, teacher).mean()
+    (full_grad,) = torch.autograd.grad(full, student)
+    generator = torch.Generator().manual_seed(0)
+    values, grads = [], []
+    for _ in range(400):
+        idx, logp, counts = sample_teacher(teacher, 4, generator)
+        loss = entropy_aware_kd(student, SparseTeacher(idx, logp, counts=counts), weighting="none")
+        values.append(loss.detach())
+        grads.append(torch.autograd.grad(loss, student)[0])
+    values = torch.stack(values)
+    assert abs(values.mean() - full.detach()) < 4 * values.std() / 400**0.5
+    torch.testing.assert_close(torch.stack(grads).mean(0), full_grad, atol=4e-3, rtol=0)
+    assert values.std() > 1e-3  # it is an estimate: single draws do vary
+
+
+def test_sparse_teacher_refusals():
+    idx, logp, counts = sample_teacher(_logits(1), 4)
+    sampled = SparseTeacher(idx, logp, counts=counts)
+    with pytest.raises(ValueError, match="forward KL only"):
+        entropy_aware_kd(_logits(0), sampled, direction="reverse")
+    with pytest.raises(ValueError, match="temperature 1.*top-K cache"):
+        entropy_aware_kd(_logits(0), sampled, temperature=2.0)
+    with pytest.raises(ValueError, match="exactly one of `tail`"):
+        SparseTeacher(idx, logp)
+    with pytest.raises(ValueError, match="draws"):
+        sample_teacher(_logits(1), 0)

@@ -101,7 +101,8 @@ def test_cached_teacher_equals_online_topk_teacher(tiny_checkpoint, tiny_mask, t
     import lit_prune.hf as hf
 
     monkeypatch.setattr(hf, "load_causal_lm", lambda *a, **k: pytest.fail("a cached run loads no teacher"))
-    cached = _stage(tiny_checkpoint, tiny_mask, teacher_cache=str(tiny_cache), kd_temperature=1.5)
+    cached = _stage(tiny_checkpoint, tiny_mask, teacher_cache=str(tiny_cache), kd_temperature=1.5,
+                    cache_variant="renormalized")
     cached.model = online.model  # the same student, so only the teacher's source differs
     torch.testing.assert_close(cached.training_step(batch, 0), online.training_step(batch, 0))
     assert cached.teacher_model is None
@@ -109,7 +110,7 @@ def test_cached_teacher_equals_online_topk_teacher(tiny_checkpoint, tiny_mask, t
 
 def test_cached_teacher_training_lowers_the_loss(tiny_checkpoint, tiny_mask, tiny_text, tiny_cache, tmp_path):
     module = _stage(tiny_checkpoint, tiny_mask, teacher_cache=str(tiny_cache), train="endpoints",
-                    optimizer=lambda p: torch.optim.Adam(p, lr=0.003))
+                    cache_variant="renormalized", optimizer=lambda p: torch.optim.Adam(p, lr=0.003))
     module.configure_model()
     trainable = [n for n, p in module.model.named_parameters() if p.requires_grad]
     assert {n.split(".")[2] for n in trainable} == {"1", "2"}, "train: endpoints updates the layers next to the cut"
