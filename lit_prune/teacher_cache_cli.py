@@ -23,7 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", required=True, help="Teacher: hub id, local folder, or offline:smollm2-135m.")
     parser.add_argument("--out", required=True, help="Output folder (must be empty or new).")
-    parser.add_argument("--k", type=int, default=10, help="Logits kept per token (default 10: 60 bytes/token).")
+    parser.add_argument("--k", type=int, default=10,
+                        help="Ids per token: top-K (10: 42 bytes/token with uint16 ids), or draws with --kind sampled.")
+    parser.add_argument("--kind", default="topk", choices=["topk", "sampled"],
+                        help="topk: top-K log-probs + tail mass; sampled: ids drawn from the teacher, with counts.")
     parser.add_argument(
         "--data-config",
         help="A LightningCLI YAML (e.g. the Distill config) whose `data:` section sets the data; flags below win.",
@@ -66,8 +69,8 @@ def data_settings(args: argparse.Namespace) -> dict[str, Any]:
 def cache_teacher_main(argv: list[str]) -> None:
     """Entry point of ``python -m lit_prune cache-teacher``."""
     args = build_parser().parse_args(argv)
-    if args.k < 1:
-        raise ValueError(f"`--k` must be >= 1, got {args.k}.")
+    if args.k < 1 or (args.kind == "sampled" and args.k > 255):
+        raise ValueError(f"`--k` must be >= 1 (and <= 255 draws with --kind sampled), got {args.k}.")
     import torch
     from torch.utils.data import DataLoader
 
@@ -93,7 +96,7 @@ def cache_teacher_main(argv: list[str]) -> None:
                                                       "max_length", "val_fraction", "max_train_blocks")}
     info["tokenizer"] = args.model
     out = write_topk_cache(model, loader, args.out, k=args.k, model_id=canonical_model_id(args.model),
-                           overwrite=args.overwrite, data_info=info, device=device, log_every=50)
+                           overwrite=args.overwrite, data_info=info, device=device, log_every=50, kind=args.kind)
     from lit_prune.components.teacher_cache import TopKCache
 
     print(f"{TopKCache(out)}\nwrote {out}")
