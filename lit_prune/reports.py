@@ -166,11 +166,17 @@ def _save(fig: Figure, out_png: str | Path) -> Path:
     return out_png
 
 
-def _layer_ticks(ax: Any, num_layers: int, dropped: Sequence[int]) -> None:
-    step = 1 if num_layers <= 40 else 5  # 70B-class models have 80 layers: label every 5th
-    ticks = list(range(0, num_layers, step))
+def _layer_ticks(
+    ax: Any, num_layers: int, dropped: Sequence[int], step: int | None = None, fontsize: float = 7
+) -> None:
+    if step is None:
+        step = 1 if num_layers <= 40 else 5  # 70B-class models have 80 layers: label every 5th
+    # Every `step`-th layer; when rows are thin, also the first and last dropped layer of each run, so the red
+    # labels name the cut, and no regular label right next to them (it would overlap).
+    ends = set() if step == 1 else {i for i in dropped if i - 1 not in dropped or i + 1 not in dropped}
+    ticks = sorted({t for t in range(0, num_layers, step) if not any(0 < abs(t - e) < step for e in ends)} | ends)
     ax.set_yticks(ticks)
-    ax.set_yticklabels([f"{i:02d}" for i in ticks], fontsize=7)
+    ax.set_yticklabels([f"{i:02d}" for i in ticks], fontsize=fontsize)
     for label, layer in zip(ax.get_yticklabels(), ticks, strict=True):
         if layer in dropped:
             label.set_color(DROPPED_COLOR)
@@ -185,6 +191,7 @@ def gate_heatmap_figure(
     title: str = "",
     size: tuple[float, float] | None = None,
     drop_label: str = "drop",
+    font_scale: float = 1.0,
 ) -> Figure:
     """Gate values over training as a labelled heat map: layers down (layer 0 on top), steps across, a colour bar.
 
@@ -204,6 +211,8 @@ def gate_heatmap_figure(
         title: Figure title.
         size: ``(width, height)`` in inches at 100 dpi; default grows with the number of steps and layers.
         drop_label: Title of the strip.
+        font_scale: Multiplies every font size (TensorBoard shows images shrunk to its card width: use about 1.8);
+            layer labels thin out so they do not overlap.
 
     Returns:
         A ``matplotlib.figure.Figure`` (no pyplot; save it or render it with :func:`figure_rgb`).
@@ -223,8 +232,9 @@ def gate_heatmap_figure(
     if size is None:
         size = (min(14.0, 5.0 + 0.08 * len(steps)), min(16.0, 1.6 + 0.2 * num_layers + (1.2 if budget else 0.0)))
     fig = _new_figure(*size)
+    small, medium = 7 * font_scale, 8 * font_scale
     rows = 2 if budget is not None else 1
-    heights = [max(3.0, 0.2 * num_layers), 1.0][:rows]
+    heights = [3.0, 1.0][:rows] if font_scale > 1 else [max(3.0, 0.2 * num_layers), 1.0][:rows]
     grid = fig.add_gridspec(rows, 2, width_ratios=[40, 1], height_ratios=heights)
     ax = fig.add_subplot(grid[0, 0])
     # Cell edges half-way between logged steps: irregular logging (every n steps + the last step) keeps its spacing.
@@ -238,9 +248,13 @@ def gate_heatmap_figure(
     mesh = ax.pcolormesh(x_edges, y_edges, grid_values, cmap="viridis", vmin=0.0, vmax=1.0, shading="flat")
     ax.set_ylim(num_layers - 0.5, -0.5)
     ax.set_xlim(x_edges[0], x_edges[-1])
-    ax.set_ylabel("layer")
-    _layer_ticks(ax, num_layers, dropped or [])
-    ax.set_title(title, fontsize=8)
+    ax.set_ylabel("layer", fontsize=medium)
+    ax.tick_params(labelsize=small)
+    # Rows must be at least a label high: estimate the map's height in points from the figure height.
+    map_points = size[1] * 72 * 0.75 * heights[0] / sum(heights)
+    step = next(n for n in (1, 2, 5, 10, 20, 50) if map_points / num_layers * n >= 1.3 * small or n == 50)
+    _layer_ticks(ax, num_layers, dropped or [], step=step, fontsize=small)
+    ax.set_title(title, fontsize=medium)
 
     strip = fig.add_subplot(grid[0, 1], sharey=ax)
     if dropped is not None:
@@ -248,20 +262,24 @@ def gate_heatmap_figure(
 
         colors = np.array([to_rgb(DROPPED_COLOR if i in dropped else STRIP_KEPT_COLOR) for i in range(num_layers)])
         strip.imshow(colors[:, None, :], aspect="auto", extent=(0, 1, num_layers - 0.5, -0.5))
-        strip.set_title(drop_label, fontsize=7)
+        strip.set_title(drop_label, fontsize=small)
     strip.set_xticks([])
     strip.tick_params(labelleft=False, left=False)
-    fig.colorbar(mesh, ax=[ax, strip], label="gate value (1 = open)", shrink=0.8)
+    bar = fig.colorbar(mesh, ax=[ax, strip], shrink=0.8)
+    bar.set_label("gate (1 = open)", fontsize=small)
+    bar.ax.tick_params(labelsize=small)
 
     if budget is None:
-        ax.set_xlabel("step")
+        ax.set_xlabel("step", fontsize=medium)
         return fig
     ax.tick_params(labelbottom=False)
     panel = fig.add_subplot(grid[1, 0], sharex=ax)
     panel.step(x, np.asarray(budget, dtype=float), where="post", color=KEPT_COLOR)
-    panel.set_ylabel("k", rotation=0, labelpad=10)
+    panel.set_ylabel("k", rotation=0, labelpad=10, fontsize=medium)
     panel.set_ylim(bottom=0)
-    panel.set_xlabel("step (k = layers the sampler drops)", fontsize=8)
+    panel.yaxis.get_major_locator().set_params(integer=True)
+    panel.tick_params(labelsize=small)
+    panel.set_xlabel("step (k = layers the sampler drops)", fontsize=small)
     panel.grid(alpha=0.3)
     return fig
 

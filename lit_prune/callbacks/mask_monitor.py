@@ -26,12 +26,15 @@ from typing_extensions import override
 
 from lit_prune.components.surgery import contiguous_segments
 
-IMAGE_WIDTH_IN = 8.0  # figure inches at 100 dpi: 800 pixels wide, whatever the number of steps
+# TensorBoard shrinks an image to its card (about 350 pixels wide) until it is clicked: a wide figure with large
+# fonts stays readable there, and shows every detail at its actual size (900 pixels wide).
+IMAGE_WIDTH_IN = 9.0
+FONT_SCALE = 1.8
 
 
 def heatmap_size(num_layers: int, with_budget: bool) -> tuple[float, float]:
-    """Figure size in inches (100 dpi) of the TensorBoard heat map: fixed width, height growing with the layers."""
-    return IMAGE_WIDTH_IN, min(14.0, 2.0 + 0.16 * num_layers) + (1.4 if with_budget else 0.0)
+    """Figure size in inches (100 dpi) of the TensorBoard heat map; the same for any number of layers and steps."""
+    return IMAGE_WIDTH_IN, 5.0 + (1.6 if with_budget else 0.0)
 
 
 def gate_heatmap(
@@ -62,7 +65,9 @@ def gate_heatmap(
         raise ValueError(f"`history` has {history.shape[0]} rows for {len(steps)} steps.")
     values = history.detach().float().cpu().T.tolist()  # [layers][steps]
     size = heatmap_size(history.shape[1], budget is not None)
-    fig = gate_heatmap_figure(steps, values, dropped, budget, title=title, size=size, drop_label="now")
+    fig = gate_heatmap_figure(
+        steps, values, dropped, budget, title=title, size=size, drop_label="now", font_scale=FONT_SCALE
+    )
     return figure_rgb(fig)
 
 
