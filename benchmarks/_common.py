@@ -1,13 +1,27 @@
-"""Helpers shared by the benchmark scripts (no `datasets` needed, so they also run on bare GPU images)."""
+"""What the benchmark scripts share: machine line, model shapes, text blocks, perplexity, training set-up, timing.
+
+The data, the perplexity and the training order come from lit_prune itself (``PruneDataModule``'s packing,
+``evaluate_models.perplexity``, ``EpochShuffleSampler``), so a benchmark measures the code users run. Run the scripts
+as modules from the repository root: ``python -m benchmarks.speed --help``.
+"""
 
 from __future__ import annotations
 
+import gc
 import json
 import platform
 import time
 from pathlib import Path
 
 import torch
+
+# Real model shapes (random weights: timing and memory do not depend on weight values).
+SHAPES = {
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192),
+}
 
 
 def machine() -> str:
@@ -17,16 +31,60 @@ def machine() -> str:
     return f"CPU {cpu} x{torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
+def free_memory() -> None:
+    """Drop unreferenced tensors and return cached GPU blocks, so the next measurement starts clean."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
 def text_blocks(
     tokenizer, text_files: list[str], seq: int, val_fraction: float = 0.1
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokenize files (one document each, EOS after each), cut into [n, seq] blocks; the tail is held out."""
-    ids: list[int] = []
-    for path in text_files:
-        ids += tokenizer(Path(path).read_text())["input_ids"] + [tokenizer.eos_token_id]
-    blocks = torch.tensor(ids[: len(ids) // seq * seq]).view(-1, seq)
+    """``PruneDataModule``'s blocks of ``seq`` tokens (one document per file, EOS after each), split off a tail.
+
+    Returns (the blocks before the tail, the tail of ``max(1, round(n * val_fraction))`` blocks).
+    """
+    from lit_prune.data import PruneDataModule
+
+    data = PruneDataModule(tokenizer=tokenizer.name_or_path, text_files=list(text_files), max_length=seq)
+    blocks = torch.stack([torch.as_tensor(b) for b in data.build_blocks()["input_ids"]])
     num_val = max(1, round(len(blocks) * val_fraction))
     return blocks[:-num_val], blocks[-num_val:]
+
+
+@torch.no_grad()
+def perplexity(model, blocks: torch.Tensor, batch: int, device: str) -> float:
+    """Held-out token perplexity of ``model`` over ``blocks`` (``lit_prune evaluate``'s own computation)."""
+    from lit_prune.evaluate_models import perplexity as evaluate_perplexity
+
+    if getattr(model, "hf_quantizer", None) is None:
+        model.to(device)  # Lightning moves a module back to the CPU when fit ends; quantized ones load placed
+    model.eval()
+    return evaluate_perplexity(model, blocks, blocks, batch)["ppl"]
+
+
+def shuffled_loader(blocks: torch.Tensor, batch: int, seed: int = 1337):
+    """Training batches in the DataModule's seeded, resumable order (the same for every variant of a benchmark)."""
+    from torch.utils.data import DataLoader
+
+    from lit_prune.data import EpochShuffleSampler, collate_blocks
+
+    rows = [{"input_ids": b, "labels": b} for b in blocks]
+    return DataLoader(rows, batch_size=batch, sampler=EpochShuffleSampler(len(rows), seed), collate_fn=collate_blocks)
+
+
+def fit_seconds(stage, train: torch.Tensor, batch: int, steps: int) -> float:
+    """Train a lit_prune stage for ``steps`` on shuffled ``train`` blocks (one device, clip 1.0, no logger)."""
+    import lightning as L
+
+    trainer = L.Trainer(accelerator="auto", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        gradient_clip_val=1.0)
+    start = time.perf_counter()
+    trainer.fit(stage, train_dataloaders=shuffled_loader(train, batch))
+    return time.perf_counter() - start
 
 
 def timed(fn, repeats: int = 5, warmup: int = 2) -> float:
@@ -43,6 +101,54 @@ def timed(fn, repeats: int = 5, warmup: int = 2) -> float:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
+
+
+@torch.no_grad()
+def static_cache_decode_tokens_per_s(model, batch: int, prompt: int, new: int, device: str, compiled: bool = False,
+                                     repeats: int = 5) -> float:
+    """Greedy decode tokens/s with a static KV cache; only the decode loop is timed (the prefill is not)."""
+    from transformers import StaticCache
+
+    input_ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=device)
+    step = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False) if compiled else model.forward
+    # One cache for every repeat: a new cache object per run makes torch.compile recompile each time.
+    cache = StaticCache(config=model.config, max_cache_len=prompt + new)
+    positions = [torch.tensor([prompt + t], device=device) for t in range(new)]
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    times = []
+    for _ in range((2 if compiled else 1) + repeats):
+        cache.reset()
+        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True,
+                    cache_position=torch.arange(prompt, device=device))
+        token = out.logits[:, -1:].argmax(-1)
+        sync()
+        start = time.perf_counter()
+        for position in positions:
+            out = step(input_ids=token, past_key_values=cache, use_cache=True, cache_position=position)
+            token = out.logits[:, -1:].argmax(-1)
+        sync()
+        times.append(time.perf_counter() - start)
+    timed_runs = sorted(times[-repeats:])
+    return batch * new / timed_runs[len(timed_runs) // 2]
+
+
+@torch.no_grad()
+def generate_tokens_per_s(model, new_tokens: int, prompt_tokens: int = 32, repeats: int = 3) -> float:
+    """Greedy ``generate`` tokens/s at batch 1 (median of ``repeats``), for models a static cache cannot serve
+    (weight-quantized ones); the prompt is timed too, as a user of ``generate`` sees it."""
+    prompt = torch.randint(100, 20000, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model.generate(prompt, **kwargs)
+        times.append(time.perf_counter() - start)
+    return new_tokens / sorted(times)[len(times) // 2]
 
 
 def write_json(path: str | None, payload: dict) -> None:

@@ -1,6 +1,6 @@
 """Where a search step's time goes, next to a plain forward+backward: CUDA kernel time by operator.
 
-    python benchmarks/profile_search.py --shape llama2-7b --batch 2 --seq 2048
+    python -m benchmarks.profile_search --shape llama2-7b --batch 2 --seq 2048
 
 Prints, for each step, the GPU time of the top operators over a few profiled steps, the total GPU busy time and the
 wall time per step (the difference is time the GPU waited for the host).
@@ -12,12 +12,10 @@ import argparse
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from search_overhead import SHAPES  # noqa: E402
+from benchmarks._common import SHAPES
 
 
 def profile(name: str, step, steps: int, top: int) -> None:

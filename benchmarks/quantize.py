@@ -1,6 +1,6 @@
 """Pruning composed with quantization on the CPU: dense / pruned / recovered, each in bf16 and torchao int8.
 
-    python benchmarks/quantize.py --model offline:smollm2-135m --mask configs/masks/smollm2_drop_12_20.json \
+    python -m benchmarks.quantize --model offline:smollm2-135m --mask configs/masks/smollm2_drop_12_20.json \
         --recovery-steps 100 --work runs/quantize_bench --out docs/results/quantize_smollm2_cpu.json
 
 Pipeline (the package's own commands and functions):
@@ -25,14 +25,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine, write_json  # noqa: E402
-
-from lit_prune.assets import resolve_pretrained  # noqa: E402
-from lit_prune.components.checkpoint import export_from_mask  # noqa: E402
-from lit_prune.components.mask_io import load_mask  # noqa: E402
-from lit_prune.components.quantize import load_quantized, quantize_checkpoint  # noqa: E402
-from lit_prune.evaluate_models import evaluate  # noqa: E402
+from benchmarks._common import generate_tokens_per_s, machine, write_json
+from lit_prune.assets import resolve_pretrained
+from lit_prune.components.checkpoint import export_from_mask
+from lit_prune.components.mask_io import load_mask
+from lit_prune.components.quantize import load_quantized, quantize_checkpoint
+from lit_prune.evaluate_models import evaluate
 
 ROOT = Path(__file__).parents[1]
 INT8 = "torchao-int8-weight"
@@ -64,21 +62,13 @@ def recover(model: str, mask: str, steps: int, work: Path) -> tuple[Path, float]
     return out, time.perf_counter() - start
 
 
-@torch.no_grad()
 def decode_tokens_per_s(folder: Path, new_tokens: int, quantized: bool) -> float:
+    """Greedy ``generate`` at batch 1 from a 32-token prompt (median of 3), of the bf16 or int8 checkpoint."""
     from transformers import AutoModelForCausalLM
 
     model = (load_quantized(str(folder), None, device="cpu") if quantized
              else AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval())
-    prompt = torch.randint(100, 20000, (1, 32), generator=torch.Generator().manual_seed(0))
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)  # warm-up
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        model.generate(prompt, **kwargs)
-        times.append(time.perf_counter() - start)
-    return new_tokens / sorted(times)[1]
+    return generate_tokens_per_s(model, new_tokens, prompt_tokens=32, repeats=3)
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Pruning composed with quantization on one GPU: a Llama-2-7B-shaped model (random weights), 32 -> 24 layers.
 
-    python benchmarks/quantize_gpu.py --out results/quantize_llama2_7b_gpu.json
+    python -m benchmarks.quantize_gpu --out results/quantize_llama2_7b_gpu.json
 
 Timing and memory do not depend on weight values, so random weights of the real shape stand in for the checkpoint
 (perplexity is not measured here). Steps:
@@ -19,7 +19,6 @@ Results are written after every measurement, so a run cut short keeps what it me
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 import tempfile
 import time
@@ -28,22 +27,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine, write_json  # noqa: E402
-from search_overhead import SHAPES  # noqa: E402
-
-from lit_prune.components.mask_io import MaskArtifact, save_mask  # noqa: E402
-from lit_prune.components.quantize import load_quantized, model_weight_bytes, weight_files_bytes  # noqa: E402
-from lit_prune.components.surgery import drop_layers  # noqa: E402
+from benchmarks._common import SHAPES, free_memory, machine, write_json
+from lit_prune.components.mask_io import MaskArtifact, save_mask
+from lit_prune.components.quantize import load_quantized, model_weight_bytes, weight_files_bytes
+from lit_prune.components.surgery import drop_layers
 
 GB = 1024**3
 DROP = list(range(12, 20))
-
-
-def free() -> None:
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
 
 
 @torch.no_grad()
@@ -93,7 +83,7 @@ def train_step(folder: Path, quantize_base: str, seq: int, vocab: int) -> dict:
     from lit_prune.components.losses import next_token_ce
     from lit_prune.stages.endpoint_lora import EndpointLoRA
 
-    free()
+    free_memory()
     stage = EndpointLoRA(str(folder), quantize_base=quantize_base, dtype="bfloat16")
     stage.configure_model()
     if quantize_base == "none":
@@ -117,7 +107,7 @@ def train_step(folder: Path, quantize_base: str, seq: int, vocab: int) -> dict:
            "weights_gib": weights / GB, "step_seconds": min(times[1:]), "peak_gib": torch.cuda.max_memory_allocated()
            / GB, "loss": loss.item()}
     del stage, optimizer
-    free()
+    free_memory()
     return out
 
 
@@ -139,16 +129,16 @@ def main() -> None:
     save = lambda: write_json(args.out, results)  # noqa: E731
     config = LlamaConfig(**SHAPES[args.shape])
     vocab = config.vocab_size
-    free()
+    free_memory()
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
     speed(model, vocab, 256, 16, 8)  # warm-up of the process (kernels, allocator) before the first measurement
-    free()
+    free_memory()
     entry = {"layers": config.num_hidden_layers, "weights_gib": torch.cuda.memory_allocated() / GB,
              "weight_bytes": model_weight_bytes(model)}
     results["variants"]["dense bf16"] = {**entry, **speed(model, vocab, args.prefill, args.prompt, args.decode_steps)}
     drop_layers(model, DROP)
-    free()
+    free_memory()
     entry = {"layers": model.config.num_hidden_layers, "weights_gib": torch.cuda.memory_allocated() / GB,
              "weight_bytes": model_weight_bytes(model)}
     results["variants"]["pruned bf16"] = {**entry, **speed(model, vocab, args.prefill, args.prompt,
@@ -162,12 +152,12 @@ def main() -> None:
     results["variants"]["pruned bf16"]["disk_bytes"] = weight_files_bytes(folder)
     results["save_seconds"] = time.perf_counter() - start
     del model
-    free()
+    free_memory()
     save()
     for method in args.methods:
         name = f"pruned {method}"
         try:
-            free()
+            free_memory()
             start = time.perf_counter()
             model = load_quantized(str(folder), method, device="cuda", dtype="bfloat16")
             entry = {"layers": model.config.num_hidden_layers, "load_seconds": time.perf_counter() - start,

@@ -1,6 +1,6 @@
 """Quality of pruned + quantized SmolLM2 on CUDA: bitsandbytes NF4 / LLM.int8() and torchao int8, and QLoRA recovery.
 
-    python benchmarks/quantize_quality_gpu.py --model offline:smollm2-135m --text offline:britannica \
+    python -m benchmarks.quantize_quality_gpu --model offline:smollm2-135m --text offline:britannica \
         --mask configs/masks/smollm2_drop_12_20.json --steps 300 --out results/quantize_quality_gpu.json
 
 Held-out perplexity (the tail of `--text`, the protocol of benchmarks/recovery.py) of: dense bf16; the pruned export;
@@ -19,15 +19,13 @@ from pathlib import Path
 import lightning as L
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine, text_blocks, write_json  # noqa: E402
-from recovery import TARGETS, fit_seconds, perplexity  # noqa: E402
-
-from lit_prune import EndpointLoRA  # noqa: E402
-from lit_prune.assets import resolve_pretrained, resolve_text_source  # noqa: E402
-from lit_prune.components.checkpoint import export_from_mask  # noqa: E402
-from lit_prune.components.mask_io import load_mask  # noqa: E402
-from lit_prune.components.quantize import load_quantized, model_weight_bytes  # noqa: E402
+from benchmarks._common import fit_seconds, machine, perplexity, text_blocks, write_json
+from lit_prune import EndpointLoRA
+from lit_prune.assets import resolve_pretrained, resolve_text_source
+from lit_prune.components.checkpoint import export_from_mask
+from lit_prune.components.lora import LLAMA_PROJECTIONS
+from lit_prune.components.mask_io import load_mask
+from lit_prune.components.quantize import load_quantized, model_weight_bytes
 
 
 def main() -> None:
@@ -79,7 +77,7 @@ def main() -> None:
     for base in args.bases:
         L.seed_everything(1337, verbose=False)
         stage = EndpointLoRA(folder, mask=args.mask, dtype="bfloat16", optimizer=optimizer, allow_model_mismatch=True,
-                             target_modules=TARGETS, loss="ce", quantize_base=base)
+                             target_modules=LLAMA_PROJECTIONS, loss="ce", quantize_base=base)
         seconds = fit_seconds(stage, train, args.batch, args.steps)
         out = work / f"recovered_{base}"
         stage.save_pruned_model(str(out))

@@ -1,6 +1,6 @@
 """Recovery at equal token budgets: endpoint LoRA (CLP) vs entropy-aware KD vs plain KD (E3), online vs cached teacher.
 
-    python benchmarks/recovery.py --model offline:smollm2-135m --text offline:britannica \
+    python -m benchmarks.recovery --model offline:smollm2-135m --text offline:britannica \
         --train-text offline:britannica offline:shakespeare --mask configs/masks/smollm2_drop_12_20.json \
         --steps 500 --batch 8 --seq 256 --out results/recovery.json
 
@@ -14,54 +14,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine, text_blocks, write_json  # noqa: E402
-
-from lit_prune import Distill, EndpointLoRA  # noqa: E402
-from lit_prune.assets import resolve_pretrained, resolve_text_source  # noqa: E402
-from lit_prune.components.mask_io import load_mask  # noqa: E402
-from lit_prune.components.surgery import drop_layers  # noqa: E402
-from lit_prune.components.teacher_cache import write_topk_cache  # noqa: E402
-from lit_prune.data import EpochShuffleSampler  # noqa: E402
-from lit_prune.metrics import shifted_token_nll  # noqa: E402
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-@torch.no_grad()
-def perplexity(model, blocks: torch.Tensor, batch: int, device: str) -> float:
-    if getattr(model, "hf_quantizer", None) is None:
-        model.to(device)  # Lightning moves a module back to the CPU when fit ends; quantized ones load placed
-    model.eval()
-    nll, count = 0.0, 0
-    for chunk in blocks.split(batch):
-        chunk = chunk.to(device)
-        logits = model(input_ids=chunk, use_cache=False).logits
-        n, c = shifted_token_nll(logits, chunk)
-        nll, count = nll + float(n), count + int(c)
-    return math.exp(nll / count)
-
-
-def fit_seconds(stage, train: torch.Tensor, batch: int, steps: int) -> float:
-    """Train ``stage`` for ``steps`` on shuffled ``train`` blocks (seeded order, the same for every variant)."""
-    rows = [{"input_ids": b, "labels": b} for b in train]
-    loader = DataLoader(rows, batch_size=batch, sampler=EpochShuffleSampler(len(rows), 1337))
-    trainer = L.Trainer(accelerator="auto", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        gradient_clip_val=1.0)
-    start = time.perf_counter()
-    trainer.fit(stage, train_dataloaders=loader)
-    return time.perf_counter() - start
+from benchmarks._common import fit_seconds, machine, perplexity, text_blocks, write_json
+from lit_prune import Distill, EndpointLoRA
+from lit_prune.assets import resolve_pretrained, resolve_text_source
+from lit_prune.components.lora import LLAMA_PROJECTIONS
+from lit_prune.components.mask_io import load_mask
+from lit_prune.components.surgery import drop_layers
+from lit_prune.components.teacher_cache import write_topk_cache
 
 
 def main() -> None:
@@ -118,7 +84,7 @@ def main() -> None:
     for name in args.variants:
         L.seed_everything(1337, verbose=False)
         common = dict(pretrained=folder, mask=args.mask, dtype="bfloat16", optimizer=optimizer,
-                      allow_model_mismatch=True, target_modules=TARGETS)
+                      allow_model_mismatch=True, target_modules=LLAMA_PROJECTIONS)
         if name == "endpoint_lora":
             stage = EndpointLoRA(**common, loss="ce")
         else:

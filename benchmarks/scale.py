@@ -1,6 +1,6 @@
 """Search and cached-teacher distillation steps at real scale on one GPU, each against a plain forward+backward.
 
-    python benchmarks/scale.py --shape llama2-7b --seq 2048 --batch 2 --out docs/results/scale_h100.json
+    python -m benchmarks.scale --shape llama2-7b --seq 2048 --batch 2 --out docs/results/scale_h100.json
 
 For each step (same model, same batch, same run) it reports seconds, tokens/s, model TFLOP/s, the ratio of its
 throughput to the plain step's, and peak memory, without and with activation checkpointing; then the largest batch
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import json
 import sys
 import tempfile
@@ -28,11 +27,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine, timed, write_json  # noqa: E402
-from search_overhead import SHAPES  # noqa: E402
-
-from lit_prune.components.layers import decoder_layers  # noqa: E402
+from benchmarks._common import SHAPES, free_memory, machine, timed, write_json
+from lit_prune.components.layers import decoder_layers
 
 
 def matmul_and_attention_flops(model, seq: int) -> tuple[float, float]:
@@ -45,12 +41,6 @@ def matmul_and_attention_flops(model, seq: int) -> tuple[float, float]:
 
 
 CUDA = torch.cuda.is_available()
-
-
-def free_memory() -> None:
-    gc.collect()
-    if CUDA:
-        torch.cuda.empty_cache()
 
 
 def measure(step, tokens: int, flops_per_token: float, repeats: int) -> dict:

@@ -1,7 +1,7 @@
 """Search step time vs a plain forward+backward of the same model on the same batch.
 
-    python benchmarks/search_overhead.py --shape llama2-7b --batch 2 --seq 2048          # GPU, random weights
-    python benchmarks/search_overhead.py --model offline:smollm2-135m --batch 2 --seq 256  # CPU, real model
+    python -m benchmarks.search_overhead --shape llama2-7b --batch 2 --seq 2048          # GPU, random weights
+    python -m benchmarks.search_overhead --model offline:smollm2-135m --batch 2 --seq 256  # CPU, real model
 
 plain  = one training forward+backward of the model (all weights trainable), the cost of fine-tuning one step.
 search = MaskSearch.training_step + backward: teacher forward (gates open, no grad) + gated forward + backward to the
@@ -12,21 +12,11 @@ Random-weight models of real shapes are built directly on the GPU; timing does n
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine, timed, write_json  # noqa: E402
-
-SHAPES = {
-    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192),
-}
+from benchmarks._common import SHAPES, machine, timed, write_json
 
 
 def build(args):

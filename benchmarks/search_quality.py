@@ -1,6 +1,6 @@
 """Mask quality: CLP and E3 searches vs the exhaustive window scan and the baselines, KL on held-out text.
 
-    python benchmarks/search_quality.py --model offline:smollm2-135m --text offline:britannica \
+    python -m benchmarks.search_quality --model offline:smollm2-135m --text offline:britannica \
         --ratios 0.2 0.25 --steps 200 --out results/search_quality.json
 
 For each ratio: every method picks a mask from the *training* part of the text (the search sees training batches,
@@ -12,33 +12,20 @@ mid-search checkpoint gives the same final mask. Prints a Markdown table last.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine, text_blocks, write_json  # noqa: E402
-
-from lit_prune import ConcaveGate, GumbelTopKGate, MaskSearch  # noqa: E402
-from lit_prune.assets import resolve_pretrained, resolve_text_source  # noqa: E402
-from lit_prune.callbacks import TemperatureSchedule, TopKAnnealing  # noqa: E402
-from lit_prune.components.gating import LayerGating  # noqa: E402
-from lit_prune.components.scorers import output_kl, score, teacher_logits_for  # noqa: E402
-from lit_prune.data import EpochShuffleSampler  # noqa: E402
+from benchmarks._common import machine, shuffled_loader, text_blocks, write_json
+from lit_prune import ConcaveGate, GumbelTopKGate, MaskSearch
+from lit_prune.assets import resolve_pretrained, resolve_text_source
+from lit_prune.callbacks import TemperatureSchedule, TopKAnnealing
+from lit_prune.components.gating import LayerGating
+from lit_prune.components.scorers import output_kl, score, teacher_logits_for
 
 BASELINES = ["window_scan", "block_influence", "angular", "sleb", "kl_importance", "tail", "random"]
-
-
-def loader(blocks: torch.Tensor, batch: int, seed: int) -> DataLoader:
-    """The DataModule's resumable order (EpochShuffleSampler), without needing `datasets` on the machine."""
-    rows = [{"input_ids": b, "labels": b} for b in blocks]
-    sampler = EpochShuffleSampler(len(rows), seed)
-    return DataLoader(rows, batch_size=batch, sampler=sampler)
 
 
 def run_search(args, kind: str, num_drop: int, train: torch.Tensor, steps: int, seed: int = 1337,
@@ -65,7 +52,7 @@ def run_search(args, kind: str, num_drop: int, train: torch.Tensor, steps: int, 
     trainer = L.Trainer(accelerator="auto", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         callbacks=[*callbacks, StopAt()], precision="bf16-mixed" if args.bf16_mixed else "32-true")
-    train_loader = loader(train, args.batch, seed)
+    train_loader = shuffled_loader(train, args.batch, seed)
     if ckpt:
         # What PruneDataModule.train_dataloader does on resume: skip the batches the checkpoint consumed.
         consumed = torch.load(ckpt, weights_only=False)["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]

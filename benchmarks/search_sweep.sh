@@ -5,7 +5,7 @@ set -uo pipefail
 MODEL=$1 TEXT=$2 OUT=${3:-results}
 run() {  # name, extra args...
   local name=$1; shift
-  python3 benchmarks/search_quality.py --model "$MODEL" --text "$TEXT" --ratios 0.2 0.25 --seq 256 --batch 8 \
+  python3 -m benchmarks.search_quality --model "$MODEL" --text "$TEXT" --ratios 0.2 0.25 --seq 256 --batch 8 \
     --calib-batches 4 --val-blocks 64 --steps 200 --skip-repro --out "$OUT/sweep_$name.json" "$@" 2>&1 \
     | grep -E "^\| 0\." | sed "s/^/$name /"
 }

@@ -1,7 +1,7 @@
 """Dense vs pruned speed: prefill latency, static-KV-cache decode throughput, peak memory, parameter counts.
 
-    python benchmarks/speed.py --shape llama2-7b llama3-8b --ratios 0.2 0.25            # GPU, random weights
-    python benchmarks/speed.py --model offline:smollm2-135m --ratios 0.25 --prefill 1x256 --decode-batch 1
+    python -m benchmarks.speed --shape llama2-7b llama3-8b --ratios 0.2 0.25            # GPU, random weights
+    python -m benchmarks.speed --model offline:smollm2-135m --ratios 0.25 --prefill 1x256 --decode-batch 1
 
 Pruned models come from the dense one through `lit_prune.drop_layers` (the surgery the export path applies), with the
 contiguous middle block removed (speed does not depend on which layers go). The ideal ratio counts parameters that
@@ -14,17 +14,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine, timed, write_json  # noqa: E402
-from search_overhead import SHAPES  # noqa: E402
-
-from lit_prune.components.layers import decoder_layers  # noqa: E402
-from lit_prune.components.surgery import drop_layers  # noqa: E402
+from benchmarks._common import SHAPES, machine, timed, write_json
+from benchmarks._common import static_cache_decode_tokens_per_s as decode_tokens_per_s
+from lit_prune.components.layers import decoder_layers
+from lit_prune.components.surgery import drop_layers
 
 
 def build(args, shape: str | None):
@@ -45,41 +42,6 @@ def block_and_head_params(model) -> tuple[int, int]:
     block = sum(p.numel() for p in layers[0].parameters())
     head = model.get_output_embeddings().weight.numel()
     return block, head
-
-
-@torch.no_grad()
-def decode_tokens_per_s(model, batch: int, prompt: int, new: int, device: str, compiled: bool = False,
-                        repeats: int = 5) -> float:
-    """Greedy decode tokens/s with a static KV cache; only the decode loop is timed (the prefill is not)."""
-    import time
-
-    from transformers import StaticCache
-
-    input_ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=device)
-    step = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False) if compiled else model.forward
-    # One cache for every repeat: a new cache object per run makes torch.compile recompile each time.
-    cache = StaticCache(config=model.config, max_cache_len=prompt + new)
-    positions = [torch.tensor([prompt + t], device=device) for t in range(new)]
-
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    times = []
-    for _ in range((2 if compiled else 1) + repeats):
-        cache.reset()
-        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True,
-                    cache_position=torch.arange(prompt, device=device))
-        token = out.logits[:, -1:].argmax(-1)
-        sync()
-        start = time.perf_counter()
-        for position in positions:
-            out = step(input_ids=token, past_key_values=cache, use_cache=True, cache_position=position)
-            token = out.logits[:, -1:].argmax(-1)
-        sync()
-        times.append(time.perf_counter() - start)
-    timed_runs = sorted(times[-repeats:])
-    return batch * new / timed_runs[len(timed_runs) // 2]
 
 
 def measure(model, args, device: str) -> dict:
