@@ -4,7 +4,8 @@
   command-line modules, not even inside a function;
 - ``hf.py`` and ``io.py`` sit below everything that loads models or writes outputs: no Lightning, no stages or
   callbacks, and ``io.py`` imports nothing from lit_prune;
-- no stage module imports another stage module (shared code lives in ``base.py``, ``recovery.py``, ...);
+- no stage module imports another stage module (shared code lives in ``base.py``, ``recovery.py``, ...), and no
+  callback imports a stage (callbacks check a capability, so other projects can reuse them);
 - the module-level import graph of the package has no cycle.
 """
 
@@ -79,6 +80,12 @@ def test_io_depends_on_the_standard_library_only():
 def test_no_stage_imports_a_sibling_stage(module):
     siblings = sorted(name for name in imports(module) if _within(name, tuple(STAGE_MODULES - {module})))
     assert not siblings, f"{module} imports {siblings}: move what they share to stages/base.py or a helper module"
+
+
+@pytest.mark.parametrize("module", [m for m in MODULES if m.startswith("lit_prune.callbacks")])
+def test_callbacks_depend_on_capabilities_not_stages(module):
+    stages = sorted(name for name in imports(module) if _within(name, ("lit_prune.stages",)))
+    assert not stages, f"{module} imports {stages}: check the attribute or method the callback needs instead"
 
 
 def _graph() -> dict[str, set[str]]:
