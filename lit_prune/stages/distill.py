@@ -201,18 +201,22 @@ class Distill(RecoveryStage):
         logs = {"train/ce": ce}
         kd = None
         if self.kd_share > 0:
+            teacher = self.teacher_outputs(input_ids)
             terms = entropy_aware_kd_terms(
-                logits, self.teacher_outputs(input_ids), labels, self.kl_direction, self.kd_temperature,
-                self.weighting, self.beta,
+                logits, teacher, labels, self.kl_direction, self.kd_temperature, self.weighting, self.beta,
             )
             kd = terms.loss()
+            weight_mean = terms.scored_mean(terms.weights)
             # Weights of unscored positions are 0 here, so the max is over scored tokens (weights are >= 0).
             logs.update({
                 "train/kd": kd,
                 "train/teacher_entropy": terms.scored_mean(terms.entropy),
-                "train/entropy_weight_mean": terms.scored_mean(terms.weights),
+                "train/entropy_weight_mean": weight_mean,
+                "train/entropy_weight_std": (terms.scored_mean(terms.weights**2) - weight_mean**2).clamp(min=0).sqrt(),
                 "train/entropy_weight_max": (terms.weights * terms.mask).max(),
             })
+            if isinstance(teacher, SparseTeacher) and teacher.tail is not None:  # mass outside the teacher's top-K
+                logs["train/teacher_tail_mass"] = terms.scored_mean(teacher.tail.to(terms.mask.device).float().exp())
         loss = kd_ce_mix(ce, kd, self.kd_share)
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict(logs)
