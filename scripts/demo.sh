@@ -62,14 +62,15 @@ if [ "$ACC_ROWS" -gt 0 ]; then
 import json, sys
 r = json.load(open(sys.argv[1]))
 dense, rec = r["models"]["dense"], r["models"]["recovered"]
+num = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731 (no retention when the dense accuracy is 0)
 print(f"{'accuracy (bf16)':<20} {'dense':>15} {'recovered':>15} {'retention':>10} {'paired diff':>16}")
 for task, res in dense["tasks"].items():
     other, d = rec["tasks"][task], rec["paired"]["tasks"][task]
     print(f"{task + ' (' + str(res['n']) + ' rows)':<20} {res['value']:>7.3f} ± {res['stderr']:.3f} "
-          f"{other['value']:>7.3f} ± {other['stderr']:.3f} {rec['retention']['tasks'][task]:>10.3f} "
+          f"{other['value']:>7.3f} ± {other['stderr']:.3f} {num(rec['retention']['tasks'][task]):>10} "
           f"{d['diff']:>+7.3f} ± {d['stderr']:.3f}{'' if d['distinguishable'] else ' (n.s.)'}")
 ret = rec["retention"]
-print(f"accuracy retention: mean of ratios {ret['mean_of_ratios']:.3f}, ratio of means {ret['ratio_of_means']:.3f}")
+print(f"accuracy retention: mean of ratios {num(ret['mean_of_ratios'])}, ratio of means {num(ret['ratio_of_means'])}")
 PY
 fi
 echo "TensorBoard: tensorboard --logdir $RUNS"
