@@ -32,14 +32,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from benchmarks._common import machine, write_json  # noqa: E402
+from benchmarks._common import SHAPES as _SHAPES
+from benchmarks._common import machine, write_json
 
-try:
-    from benchmarks._common import SHAPES as _SHAPES
-except ImportError:  # older layout: the shapes lived in search_overhead.py
-    from benchmarks.search_overhead import SHAPES as _SHAPES
+ROOT = Path(__file__).resolve().parent.parent
 
 SHAPES = {
     **_SHAPES,
@@ -119,12 +115,12 @@ def worker(args) -> None:
     """One CLI run in this process; prints one result line."""
     from lightning.pytorch.loops.fit_loop import _FitLoop
 
-    if args.reference:
+    from lit_prune.components import scorers
+
+    if args.worker_reference:
         # The scorers before prefix reuse, for the before/after rows.
         sys.path.insert(0, str(ROOT / "tests"))
         import reference_scorers
-
-        from lit_prune.components import scorers
 
         scorers.SCORERS[args.method] = reference_scorers.SCORERS[args.method]
 
@@ -153,6 +149,7 @@ def worker(args) -> None:
         "drop": selection.drop,
         "best_value": best,
         "calibration_tokens": sum(int(batch.numel()) for batch in cli.model.batches),
+        "scorer_module": scorers.SCORERS[args.method].__module__,
     }
     print(RESULT_TAG + json.dumps(result), flush=True)
 
@@ -161,7 +158,7 @@ def run_method(args, method: str, folder: Path, text: Path, work: Path, referenc
     run_dir = work / "runs" / (method + ("_reference" if reference else ""))
     command = [sys.executable, "-m", "benchmarks.time_to_mask", "--method", method,
                "--worker", json.dumps(cli_args(args, method, folder, text, run_dir)),
-               *(["--reference"] if reference else [])]
+               *(["--worker-reference"] if reference else [])]
     start = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
@@ -182,6 +179,7 @@ def run_method(args, method: str, folder: Path, text: Path, work: Path, referenc
         "drop": result["drop"],
         "best_value": result["best_value"],
         "path": "reference" if reference else "new",
+        "scorer_module": result["scorer_module"],
     }
     print(json.dumps(row), flush=True)
     return row
@@ -222,6 +220,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--method", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-reference", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
         worker(args)
@@ -239,8 +238,8 @@ def main() -> None:
     write_text(text, int(args.batches * args.batch * args.seq * 1.5) + 4 * args.seq)
     folder = build(args, work)
     results: dict = {
-        "machine": machine(), "date": date.today().isoformat(), "args": {k: v for k, v in vars(args).items()
-                                                                          if k not in ("worker", "method")},
+        "machine": machine(), "date": date.today().isoformat(),
+        "args": {k: v for k, v in vars(args).items() if k not in ("worker", "method", "worker_reference")},
         "model": f"{args.shape} shape, random bf16 weights",
         "calibration_tokens": args.batches * args.batch * args.seq,
         "entries": [], "reference_entries": [],
