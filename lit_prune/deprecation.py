@@ -12,12 +12,14 @@ import warnings
 from typing import Any
 
 log = logging.getLogger("lit_prune")
+_logged: set[str] = set()  # a config parser may resolve the same old name many times: say it once
 
 
 def warn_deprecated(message: str, stacklevel: int = 3) -> None:
     """Emit ``message`` as a ``DeprecationWarning`` and log it once (on rank 0 of a multi-process run)."""
     warnings.warn(message, DeprecationWarning, stacklevel=stacklevel)
-    if os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0":
+    if message not in _logged and os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0":
+        _logged.add(message)
         log.warning(message)
 
 

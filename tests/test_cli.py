@@ -48,6 +48,16 @@ def test_evaluate_stage_is_a_deprecated_alias_of_perplexity():
         assert lit_prune.stages.Evaluate is lit_prune.Perplexity
 
 
+def test_a_config_with_the_old_stage_name_still_validates(tiny_checkpoint, tiny_text, tmp_path):
+    old = tmp_path / "old_eval.yaml"
+    old.write_text((CONFIGS[0].parent / "eval_smollm2.yaml").read_text().replace(
+        "class_path: lit_prune.Perplexity", "class_path: lit_prune.Evaluate"))
+    with pytest.deprecated_call(match="renamed `lit_prune.Perplexity`"):
+        cli = main(["validate", "-c", str(old), *_tiny_overrides(tiny_checkpoint, tiny_text, tmp_path),
+                    "--model.init_args.dtype=float32", "--trainer.limit_val_batches=1"])
+    assert type(cli.model).__name__ == "Perplexity" and cli.trainer.callback_metrics["val/ppl"] > 1
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
 def test_every_config_parses(config, capsys):
     with pytest.raises(SystemExit) as exit_info:
