@@ -123,9 +123,8 @@ class RunSummary(L.Callback):
         if not trainer.is_global_zero:
             return
         params = self.hyperparameters(trainer, pl_module)
-        metrics = {"hp_metric": math.nan, **{name: math.nan for name in METRIC_ORDER}}
         for logger in _tensorboards(trainer):
-            _write_session(logger, params, metrics)
+            _write_session(logger, params)
 
     def hyperparameters(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         """The flat ``{name: number | str | bool}`` written to the HParams session."""
@@ -288,14 +287,17 @@ def _tensorboards(trainer: L.Trainer) -> list[TensorBoardLogger]:
     return [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
 
 
-def _write_session(logger: TensorBoardLogger, params: dict[str, Any], metrics: dict[str, float]) -> None:
-    """HParams experiment, session start and end summaries (the metric values come from the scalar tags)."""
+def _write_session(logger: TensorBoardLogger, params: dict[str, Any]) -> None:
+    """The HParams session start (the run's hyperparameters); the metric values come from the scalar tags.
+
+    No experiment summary: without one, TensorBoard builds the table from every run's session, so runs with different
+    settings (CLP and E3) share one table, the hyperparameters that differ between runs get the first (shown) columns,
+    and the metric columns start with ``Summary/*`` and ``hp_metric`` (sorted by name).
+    """
     from torch.utils.tensorboard.summary import hparams
 
-    experiment, start, end = hparams(params, metrics)
-    writer = logger.experiment._get_file_writer()
-    for summary in (experiment, start, end):
-        writer.add_summary(summary)
+    _, start, _ = hparams(params, {"hp_metric": math.nan})
+    logger.experiment._get_file_writer().add_summary(start)
     logger.hparams.update(params)  # hparams.yaml in the run folder, for readers without TensorBoard
 
 
