@@ -140,7 +140,8 @@ def static_cache_decode_tokens_per_s(model, batch: int, prompt: int, new: int, d
 def generate_tokens_per_s(model, new_tokens: int, prompt_tokens: int = 32, repeats: int = 3) -> float:
     """Greedy ``generate`` tokens/s at batch 1 (median of ``repeats``), for models a static cache cannot serve
     (weight-quantized ones); the prompt is timed too, as a user of ``generate`` sees it."""
-    prompt = torch.randint(100, 20000, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
+    high = min(20000, model.config.vocab_size)  # ids 100..20000 (the recorded runs'), inside small vocabularies too
+    prompt = torch.randint(min(100, high - 1), high, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)  # warm-up
     times = []
