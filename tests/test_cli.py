@@ -38,6 +38,15 @@ def test_stage_help_shows_docstring(capsys):
     assert "keeps them and zeroes their residual update" in out
 
 
+def test_recovery_stage_help_shows_the_shared_settings(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--model.help", "lit_prune.Distill"])
+    out = " ".join(capsys.readouterr().out.split())
+    for text in ("--model.r R LoRA rank.", "--model.kd_share", "--model.teacher TEACHER",
+                 "Deprecated: the share of CE"):
+        assert text in out
+
+
 def test_evaluate_stage_is_a_deprecated_alias_of_perplexity():
     import lit_prune
     import lit_prune.stages

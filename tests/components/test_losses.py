@@ -1,11 +1,11 @@
-"""kl_loss computed in checkpointed chunks equals the one-shot KL, in value and in gradient."""
+"""kl_loss computed in checkpointed chunks equals the one-shot KL, in value and in gradient; the KD/CE mix."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lit_prune.components.losses import kl_loss
+from lit_prune.components.losses import kd_ce_mix, kl_loss
 
 
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
@@ -32,3 +32,20 @@ def test_chunked_kl_matches_one_shot_value_and_gradient(direction, with_labels):
 def test_chunk_tokens_must_be_positive():
     with pytest.raises(ValueError, match="chunk_tokens"):
         kl_loss(torch.randn(1, 4, 5), torch.randn(1, 4, 5), chunk_tokens=0)
+
+
+@pytest.mark.parametrize(("share", "expected"), [(0.0, 2.0), (0.25, 2.0 * 0.75 + 6.0 * 0.25), (1.0, 6.0)])
+def test_kd_ce_mix_is_the_share_of_kd(share, expected):
+    ce, kd = torch.tensor(2.0, requires_grad=True), torch.tensor(6.0, requires_grad=True)
+    loss = kd_ce_mix(ce, kd, share)
+    torch.testing.assert_close(loss, torch.tensor(expected))
+    loss.backward()
+    assert ce.grad == pytest.approx(1 - share) if share < 1 else ce.grad is None
+    assert kd.grad == pytest.approx(share) if share > 0 else kd.grad is None
+
+
+def test_kd_ce_mix_needs_no_teacher_at_share_zero():
+    ce = torch.tensor(1.5)
+    assert kd_ce_mix(ce, None, 0.0) is ce
+    with pytest.raises(ValueError, match="kd_share`=0.5 weights a KD term"):
+        kd_ce_mix(ce, None, 0.5)

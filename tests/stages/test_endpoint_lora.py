@@ -163,3 +163,17 @@ def test_kd_weight_is_the_deprecated_name_of_kd_share(tiny_checkpoint, tiny_mask
         _stage(tiny_checkpoint, tiny_mask, loss="mix", kd_weight=2)
     with pytest.raises(ValueError, match=r"`model.init_args.kd_share` must be in \[0, 1\], got -0.1"):
         _stage(tiny_checkpoint, tiny_mask, loss="mix", kd_share=-0.1)
+
+
+def test_shared_recovery_settings_are_declared_once():
+    import inspect
+
+    from lit_prune.stages.distill import Distill
+    from lit_prune.stages.recovery import RecoveryStage
+
+    shared = {"teacher", "kd_temperature", "width", "endpoint_layers_override", "target_modules", "r", "alpha",
+              "dropout", "lora_options", "allow_model_mismatch", "save_adapter", "dtype", "optimizer",
+              "gradient_checkpointing"}
+    assert shared <= set(inspect.signature(RecoveryStage).parameters)
+    for stage in (EndpointLoRA, Distill):
+        assert not set(inspect.signature(stage).parameters) & shared, f"{stage.__name__} redeclares shared settings"
