@@ -20,6 +20,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 
 from lit_prune.assets import canonical_model_id
+from lit_prune.components.checks import check_choice
 from lit_prune.components.gates import ConcaveGate, GumbelTopKGate, LayerGate, logits_from_importance
 from lit_prune.components.gating import LayerGating
 from lit_prune.components.losses import Direction, kl_loss, next_token_ce
@@ -36,6 +37,7 @@ from lit_prune.stages.distributed import (
 )
 
 METHOD_NAMES = {ConcaveGate: "clp", GumbelTopKGate: "e3"}
+Refine = Literal["none", "select", "polish"]
 
 
 class MaskSearch(PruneStage):
@@ -86,7 +88,7 @@ class MaskSearch(PruneStage):
         importance_init: Literal["none", "kl", "kl_greedy", "window_scan"] = "none",
         importance_batches: int = 2,
         importance_scale: float = 1.0,
-        refine: Literal["none", "select", "polish"] = "none",
+        refine: Refine = "none",
         refine_samples: int = 16,
         refine_radius: int | None = 2,
         method: str | None = None,
@@ -130,8 +132,8 @@ class MaskSearch(PruneStage):
                 f"{type(self.gate).__name__} has num_segments={getattr(self.gate, 'num_segments', None)}. Use "
                 "ConcaveGate with num_segments: 1, or importance_init: none."
             )
-        if refine not in ("none", "select", "polish"):
-            raise ValueError(f"`model.init_args.refine` must be one of none, select, polish; got {refine!r}.")
+        check_choice(refine, Refine, "model.init_args.refine")
+        check_choice(kl_direction, Direction, "model.init_args.kl_direction")
         if isinstance(refine_samples, bool) or not isinstance(refine_samples, int) or refine_samples < 0:
             raise ValueError(f"`model.init_args.refine_samples` must be an integer >= 0, got {refine_samples!r}.")
         if refine_radius is not None and (isinstance(refine_radius, bool) or refine_radius < 1):

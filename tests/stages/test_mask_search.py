@@ -104,6 +104,8 @@ def test_checkpoint_keeps_only_the_gate_and_resume_matches(tiny_checkpoint, tiny
         (dict(ratio=None, num_drop=6), r"num_drop` must be in \[1, 5\]"),
         (dict(ratio=None, num_drop=None), "exactly one of"),
         (dict(ratio=None, num_drop=5), "num_drop"),  # 5 of 6 with two protected layers cannot fit
+        (dict(refine="best"), r"`model.init_args.refine` must be one of \['none', 'select', 'polish'\], got 'best'"),
+        (dict(kl_direction="both"), r"`model.init_args.kl_direction` must be one of \['forward', 'reverse'\]"),
     ],
 )
 def test_bad_budget_fails_before_weights_load(tiny_checkpoint, kwargs, message, monkeypatch):
