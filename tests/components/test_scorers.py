@@ -576,3 +576,34 @@ def test_bad_keep_mask_raises():
         output_kl(model, gating, _batches(), [True] * 5)
     with pytest.raises(ValueError, match=r"`keep_mask` must hold 6 booleans"):
         output_kl(model, gating, _batches(), torch.tensor([1.0, 0.5, 1.0, 1.0, 1.0, 1.0]))
+
+
+def test_kl_never_holds_a_float32_copy_of_a_whole_batch_of_logits(monkeypatch):
+    # bf16 model: its logits are bf16, so any float32 tensor of a whole batch's logits would be a copy made by the KL.
+    import reference_scorers
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    from lit_prune.components import scorers
+
+    class LargestFloat32(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for value in tree_flatten(out)[0]:
+                if isinstance(value, torch.Tensor) and value.dtype == torch.float32:
+                    self.largest = max(self.largest, value.numel())
+            return out
+
+    model = tiny_model("llama").to(torch.bfloat16)
+    gating = LayerGating(model)
+    batches = _batches(num=2, batch=4, seq=6)
+    chunk = 8 * VOCAB  # 8 tokens; a batch has 24
+    monkeypatch.setattr(scorers, "_CHUNK_ELEMENTS", chunk)
+    with LargestFloat32() as new:
+        window_scan(model, gating, batches, num_drop=2)
+    with LargestFloat32() as old:
+        reference_scorers.window_scan(model, gating, batches, num_drop=2)
+    assert old.largest >= 4 * 6 * VOCAB  # the old code did make such copies
+    assert new.largest <= chunk
