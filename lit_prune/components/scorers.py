@@ -28,6 +28,12 @@ mis-measured::
 
 If gates of a :class:`LayerGating` are attached to the model, pass the gating object to the hidden-state scorers:
 they open its gates so that the dense model is scored.
+
+The KL and perplexity selectors cost only what each mask changes. A removed layer is bypassed (its ``forward`` is
+swapped for the identity), not computed and multiplied by 0; the dense state in front of a mask's first removed
+layer is advanced one layer at a time and shared by every mask that starts later (windows, single-layer removals,
+SLEB's candidates); the KL and cross-entropy run on the device in chunks of tokens. The values are those of gating
+the layers to 0. Sharded (FSDP) models, whose layers cannot run on their own, fall back to gating.
 """
 
 from __future__ import annotations
