@@ -239,6 +239,19 @@ def sliding_windows(blocks: torch.Tensor, max_length: int, stride: int) -> tuple
     return torch.stack(windows), torch.stack(labels)
 
 
+def prepend_bos(inputs: torch.Tensor, labels: torch.Tensor, bos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Put a BOS token before every window, as context only: the same tokens are scored as without it.
+
+    Models trained with a BOS at every sequence start (Gemma) score windows cut from the middle of a text much worse
+    without one; the window's first token stays unscored so the two protocols score the same tokens.
+    """
+    bos = torch.full((inputs.shape[0], 1), bos_id, dtype=inputs.dtype)
+    ignore = torch.full((labels.shape[0], 1), IGNORE_INDEX, dtype=labels.dtype)
+    labels = labels.clone()
+    labels[:, 0] = IGNORE_INDEX
+    return torch.cat([bos, inputs], 1), torch.cat([ignore, labels], 1)
+
+
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int) -> dict[str, Any]:
     """Token perplexity (exp of the mean next-token NLL) of ``model`` over the given windows, and forward tokens/s."""
@@ -580,6 +593,7 @@ def evaluate(
     overwrite: bool = False,
     resume: bool = False,
     plot: bool = True,
+    bos_per_window: bool = False,
 ) -> dict[str, Any]:
     """Evaluate every model on the same perplexity data and lm-eval tasks; optionally write results to ``out``.
 
@@ -607,6 +621,7 @@ def evaluate(
         overwrite: Replace results in a non-empty ``out``.
         resume: Continue the stopped run in ``out``: keep its models and tasks, compute only what is missing.
         plot: Write ``retention.png`` (needs matplotlib) when there are tasks and more than one model.
+        bos_per_window: Put the tokenizer's BOS before every perplexity window (context only; Gemma needs it).
 
     Returns:
         The results dict written to ``results.json``.
@@ -651,6 +666,16 @@ def evaluate(
             max_blocks,
         )
         inputs, labels = sliding_windows(blocks, max_length, stride)
+        bos_note = "no extra BOS per block"
+        if bos_per_window:
+            from transformers import AutoTokenizer
+
+            bos_id = AutoTokenizer.from_pretrained(resolve_pretrained(sources[ref][0])).bos_token_id
+            if bos_id is None:
+                raise ValueError(f"`--bos-per-window`: the tokenizer of {sources[ref][0]!r} has no BOS token; drop "
+                                 "the flag for this model.")
+            inputs, labels = prepend_bos(inputs, labels, bos_id)
+            bos_note = f"plus a BOS (id {bos_id}) before every window, as context"
         num_scored = int((labels[:, 1:] != IGNORE_INDEX).sum())
         if num_scored == 0:
             raise DataConfigError("The evaluation data hold no scorable token; add text or lower --max-length.")
@@ -660,7 +685,7 @@ def evaluate(
             "val_fraction": val_fraction, "max_blocks": max_blocks, "data_source": source,
             "bos": "each record is tokenized with the tokenizer's own special tokens (a BOS where the tokenizer adds "
                    "one) and followed by one EOS; the stream is cut into blocks of max_length tokens (no padding, "
-                   "no extra BOS per block); the first token of each window is context only.",
+                   f"{bos_note}); the first token of each window is context only.",
             "tokenizer": sources[ref][0],
         }
     protocol = {
@@ -775,6 +800,8 @@ def evaluate_main(argv: list[str]) -> None:
     parser.add_argument("--val-fraction", type=float, default=0.1,
                         help="Evaluate the held-out tail of the blocks, as `validate` (default 0.1); 0: every block.")
     parser.add_argument("--max-blocks", type=int, default=None, help="Cap on the number of blocks.")
+    parser.add_argument("--bos-per-window", action="store_true",
+                        help="Put the tokenizer's BOS before every perplexity window, as context (Gemma needs it).")
     parser.add_argument("--batch-size", type=int, default=4, help="Windows per forward pass and lm-eval batch size.")
     parser.add_argument("--tasks", nargs="+", default=None,
                         help=f"Offline: {' '.join(offline_tasks.OFFLINE_TASKS)} (prepared by `python -m lit_prune "
@@ -801,7 +828,7 @@ def evaluate_main(argv: list[str]) -> None:
         max_length=args.max_length, stride=args.stride, val_fraction=args.val_fraction, max_blocks=args.max_blocks,
         batch_size=args.batch_size, tasks=args.tasks, limit=args.limit, num_fewshot=args.num_fewshot,
         task_include_path=args.task_include_path, data_dir=args.data_dir, dtype=args.dtype, device=args.device,
-        overwrite=args.overwrite, resume=args.resume,
+        overwrite=args.overwrite, resume=args.resume, bos_per_window=args.bos_per_window,
     )
     print((Path(args.out) / "results.md").read_text())
     print(f"wrote {Path(args.out) / 'results.json'} ({len(results['models'])} models)")

@@ -302,3 +302,24 @@ def test_quality_benchmark_table(tiny_checkpoint, pruned_checkpoint, tiny_task_d
     # A second call resumes: nothing is scored again, the table is the same.
     again = quality.main(argv)
     assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in payload["rows"]]
+
+
+def test_bos_per_window_scores_the_same_tokens(tiny_checkpoint, tiny_text):
+    import torch
+
+    from lit_prune.evaluate_models import prepend_bos
+
+    blocks = torch.arange(3, 43).reshape(4, 10)
+    for stride in (10, 5):
+        inputs, labels = sliding_windows(blocks, 10, stride)
+        with_bos, bos_labels = prepend_bos(inputs, labels, bos_id=1)
+        assert torch.equal(with_bos[:, 0], torch.ones(len(inputs), dtype=torch.long))
+        assert torch.equal(with_bos[:, 1:], inputs)
+        scored = lambda lab: [int(t) for row in lab for t in row[1:] if t != -100]  # noqa: E731
+        assert scored(bos_labels) == scored(labels)  # the BOS is context only
+    plain = evaluate({"dense": str(tiny_checkpoint)}, text_files=[str(tiny_text)], max_length=32, max_blocks=4)
+    bos = evaluate({"dense": str(tiny_checkpoint)}, text_files=[str(tiny_text)], max_length=32, max_blocks=4,
+                   bos_per_window=True)
+    assert bos["models"]["dense"]["ppl"]["tokens"] == plain["models"]["dense"]["ppl"]["tokens"] == 4 * 31
+    assert bos["models"]["dense"]["ppl"]["ppl"] != pytest.approx(plain["models"]["dense"]["ppl"]["ppl"])
+    assert "BOS (id 1) before every window" in bos["protocol"]["perplexity"]["bos"]
