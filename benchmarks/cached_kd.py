@@ -1,0 +1,143 @@
+"""Cached teacher variants vs online KD at equal tokens: top-K + tail, sampled ids, E3's renormalised top-K.
+
+    python -m benchmarks.cached_kd --model offline:smollm2-135m --text offline:britannica \
+        --train-text offline:britannica offline:shakespeare --mask configs/masks/smollm2_drop_12_20.json \
+        --steps 500 --batch 8 --seq 256 --out results/cached_kd.json
+
+Every variant is plain KD (``weighting: none``, forward KL, temperature 1, LoRA on every kept layer) on the same
+batches; only the teacher's form differs. Variants (``--variants``):
+
+- ``online``: the dense teacher run live (full distribution): the reference;
+- ``tail_K``: a v2 ``topk`` cache with K ids, read as top-K + tail (``cache_variant: tail``);
+- ``renormalized_K``: the same kind of cache read as E3-Pruner's renormalised top-K (the paper's recipe);
+- ``sampled_N``: a v2 ``sampled`` cache with N draws per token (random-sampling KD).
+
+Held-out text and training blocks as in ``benchmarks.recovery``. Reports held-out perplexity, the share of the
+pruned-dense gap closed, that share relative to the online teacher's, bytes per token, and seconds (cache, train).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from benchmarks._common import fit_seconds, machine, perplexity, text_blocks, write_json
+from lit_prune import Distill
+from lit_prune.assets import resolve_pretrained, resolve_text_source
+from lit_prune.components.lora import LLAMA_PROJECTIONS
+from lit_prune.components.mask_io import load_mask
+from lit_prune.components.surgery import drop_layers
+from lit_prune.components.teacher_cache import write_topk_cache
+
+
+def parse_variant(name: str) -> tuple[str, int | None]:
+    """``online`` -> (online, None); ``tail_15`` -> (tail, 15); errors name the allowed forms."""
+    if name == "online":
+        return name, None
+    kind, _, size = name.rpartition("_")
+    if kind not in ("tail", "renormalized", "sampled") or not size.isdigit() or int(size) < 1:
+        raise SystemExit(f"--variants: {name!r} is not online, tail_K, renormalized_K or sampled_N (e.g. tail_15).")
+    return kind, int(size)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="offline:smollm2-135m")
+    parser.add_argument("--text", nargs="+", default=["offline:britannica"])
+    parser.add_argument("--train-text", nargs="*", default=[])
+    parser.add_argument("--mask", required=True)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--val-blocks", type=int, default=64)
+    parser.add_argument("--max-train-blocks", type=int, default=None, help="Cap on training blocks (smoke runs).")
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--variants", nargs="+", default=["online", "tail_15", "renormalized_10", "sampled_12"])
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    variants = {name: parse_variant(name) for name in args.variants}
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    folder = resolve_pretrained(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    train, val = text_blocks(tokenizer, [f for n in args.text for f in resolve_text_source(n)], args.seq)
+    if args.train_text:
+        extra, _ = text_blocks(tokenizer, [f for n in args.train_text for f in resolve_text_source(n)], args.seq,
+                               val_fraction=0.0001)
+        train = torch.cat([train, extra])
+    train = train[: args.max_train_blocks] if args.max_train_blocks else train
+    val = val[: args.val_blocks]
+    tokens = args.steps * args.batch * args.seq
+    mask = load_mask(args.mask)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device)
+    dense_ppl = perplexity(model, val, args.batch, device)
+    drop_layers(model, mask.drop)
+    pruned_ppl = perplexity(model, val, args.batch, device)
+    del model
+    results = {"machine": machine(), "args": vars(args), "train_blocks": len(train), "val_blocks": len(val),
+               "tokens_per_variant": tokens, "dense_ppl": dense_ppl, "pruned_ppl": pruned_ppl, "caches": {},
+               "variants": {}}
+
+    caches: dict[tuple[str, int], Path] = {}
+    root = Path(tempfile.mkdtemp())
+    for kind, size in sorted({("sampled" if v == "sampled" else "topk", s) for v, s in variants.values() if s}):
+        start = time.perf_counter()
+        teacher = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device).eval()
+        caches[kind, size] = write_topk_cache(teacher, [{"input_ids": b} for b in train.split(args.batch)],
+                                              root / f"{kind}_{size}", k=size, model_id=args.model, device=device,
+                                              kind=kind)
+        del teacher
+        meta = json.loads((caches[kind, size] / "meta.json").read_text())
+        results["caches"][f"{kind}_{size}"] = {"bytes_per_token": meta["bytes_per_token"],
+                                               "seconds": time.perf_counter() - start}
+
+    optimizer = lambda p: torch.optim.AdamW(p, lr=args.lr, weight_decay=0.0)  # noqa: E731
+    for name, (variant, size) in variants.items():
+        L.seed_everything(1337, verbose=False)
+        if variant == "online":
+            teacher, cache_key = dict(teacher=folder), None
+        else:
+            cache_key = f"{'sampled' if variant == 'sampled' else 'topk'}_{size}"
+            teacher = dict(teacher_cache=str(root / cache_key), cache_variant=variant)
+        stage = Distill(pretrained=folder, mask=args.mask, dtype="bfloat16", optimizer=optimizer,
+                        allow_model_mismatch=True, target_modules=LLAMA_PROJECTIONS, weighting="none", train="lora",
+                        lora_layers="all", **teacher)
+        seconds = fit_seconds(stage, train, args.batch, args.steps)
+        ppl = perplexity(stage.model, val, args.batch, device)
+        results["variants"][name] = {
+            "ppl": ppl, "gap_closed": (pruned_ppl - ppl) / (pruned_ppl - dense_ppl), "seconds": seconds,
+            "bytes_per_token": results["caches"][cache_key]["bytes_per_token"] if cache_key else None,
+        }
+        del stage
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    online = results["variants"].get("online", {}).get("gap_closed")
+    write_json(args.out, results)
+
+    print(f"\nmachine: {results['machine']}; mask: {mask.describe()}")
+    print(f"train blocks: {len(train)} x {args.seq}; held-out: {len(val)} x {args.seq}; tokens per variant: "
+          f"{tokens:,}")
+    print("| teacher | held-out ppl | gap closed | vs online | bytes/token | train s | cache s |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| dense | {dense_ppl:.2f} | | | | | |")
+    print(f"| pruned ({len(mask.drop)}/{mask.num_layers} layers) | {pruned_ppl:.2f} | 0% | | | | |")
+    for name, v in results["variants"].items():
+        variant, size = variants[name]
+        key = None if variant == "online" else f"{'sampled' if variant == 'sampled' else 'topk'}_{size}"
+        rel = f"{v['gap_closed'] / online:.0%}" if online else ""
+        size_str = f"{v['bytes_per_token']:.2f}" if v["bytes_per_token"] else "full"
+        cache_s = f"{results['caches'][key]['seconds']:.0f}" if key else ""
+        print(f"| {name} | {v['ppl']:.2f} | {v['gap_closed']:.0%} | {rel} | {size_str} | {v['seconds']:.0f} | "
+              f"{cache_s} |")
+
+
+if __name__ == "__main__":
+    main()
