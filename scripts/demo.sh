@@ -3,14 +3,14 @@
 # CLP mask search -> endpoint LoRA recovery -> vanilla export -> dense vs pruned vs recovered perplexity
 # -> zero-shot accuracy retention on the first rows of PIQA and ARC-Easy (offline lm-eval tasks, scored in bf16).
 #   make demo            (or: PYTHON=.venv/bin/python bash scripts/demo.sh)
-# Shorter or longer: DEMO_SEARCH_STEPS=40 DEMO_RECOVERY_STEPS=40 DEMO_ACC_ROWS=100 make demo (DEMO_ACC_ROWS=0: skip)
+# Shorter or longer: DEMO_SEARCH_STEPS=40 DEMO_RECOVERY_STEPS=40 DEMO_ACC_ROWS=200 make demo (DEMO_ACC_ROWS=0: skip)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 OUT=${DEMO_OUT:-runs/demo}
 SEARCH_STEPS=${DEMO_SEARCH_STEPS:-40}
 RECOVERY_STEPS=${DEMO_RECOVERY_STEPS:-40}
-ACC_ROWS=${DEMO_ACC_ROWS:-100}
+ACC_ROWS=${DEMO_ACC_ROWS:-200}
 RUNS="$OUT/runs"
 mkdir -p "$OUT"
 quiet() { grep -vE "it/s\]|examples/s\]|Tip:|LeafSpec|eval mode|^\s*$" || true; }
