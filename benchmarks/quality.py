@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._common import machine
+from lit_prune.assets import cache_root  # noqa: E402
 from lit_prune.evaluate_models import load_rows, paired_difference, prepare_out_dir
 from lit_prune.tasks import OFFLINE_TASKS
 
@@ -68,25 +69,39 @@ def load_masks(masks: list[tuple[str, str]], search_json: str | None, num_drop: 
     return out
 
 
-def export_masks(model: str, masks: dict[str, Any], work_dir: Path, dtype: str) -> dict[str, str]:
-    """Export every mask once into ``work_dir/<name>`` (reused when already there); ``{name: folder}``."""
+def export_masks(
+    model: str, masks: dict[str, Any], work_dir: Path, dtype: str
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Export every distinct mask once into ``work_dir/<name>`` (reused when already there).
+
+    Returns:
+        ``({name: folder}`` of the masks to score, ``{name: first name with the same layers})`` for the others, which
+        get a copy of that row instead of being scored twice.
+    """
     from lit_prune import hf
     from lit_prune.components.checkpoint import export_from_mask
     from lit_prune.components.mask_io import MaskArtifact
 
     num_layers = int(hf.load_config(model, key="--model").num_hidden_layers)
-    folders = {}
+    folders: dict[str, str] = {}
+    same_as: dict[str, str] = {}
+    seen: dict[tuple[int, ...], str] = {}
     for name, mask in masks.items():
         if isinstance(mask, dict):
             mask = masks[name] = MaskArtifact.from_dict({
                 "model": model, "num_layers": num_layers, "drop": mask["drop"], "method": mask["method"],
                 "extra": {"seconds": mask["seconds"]},
             })
+        key = tuple(sorted(mask.drop))
+        if key in seen:
+            same_as[name] = seen[key]
+            continue
+        seen[key] = name
         folder = work_dir / name
         if not (folder / "config.json").is_file():
             export_from_mask(model, mask, folder, overwrite=True, dtype=dtype, allow_model_mismatch=True)
         folders[name] = str(folder)
-    return folders
+    return folders, same_as
 
 
 def _mask_seconds(mask: Any) -> float | None:
@@ -193,6 +208,9 @@ def markdown(payload: dict[str, Any]) -> str:
         f"{ppl.get('data_source', '-')}, {ppl.get('num_scored_tokens', '-')} "
         "scored tokens; ppl ret. = dense ppl / model ppl. Speed-up: ideal layer ratio unless measured.",
     ]
+    shared = [f"`{r['name']}` = `{r['same_layers_as']}`" for r in payload["rows"] if r.get("same_layers_as")]
+    if shared:
+        notes.append("Same layers, so the same scores (scored once): " + ", ".join(shared) + ".")
     return ("\n".join(lines) + "\n\nPer-task paired differences (accuracy points):\n\n" + "\n".join(diffs) + "\n\n"
             + "\n\n".join(notes) + "\n")
 
@@ -236,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"row names must be unique and include --reference {args.reference!r}; got {names}.")
     info = json.loads(Path(args.info).read_text()) if args.info else {}
     start = time.time()
-    folders = export_masks(args.model, masks, work / "models", args.dtype)
+    folders, same_as = export_masks(args.model, masks, work / "models", args.dtype)
     models = {"dense": args.model, **folders, **dict(args.recovered)}
     eval_dir = work / "eval"
     resume = (eval_dir / "results.json").is_file()
@@ -254,6 +272,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "protocol": results["protocol"], "paired_reference": args.reference,
         "rows": build_rows(results, eval_dir, args.reference, masks, info, {n: float(x) for n, x in args.speedups}),
     }
+    for name, first in same_as.items():  # same layers as a scored mask: same scores, its own method and time
+        row = dict(next(r for r in payload["rows"] if r["name"] == first))
+        mask = masks[name]
+        row.update(name=name, method=mask.method, mask_seconds=_mask_seconds(mask), mask_extra=dict(mask.extra),
+                   same_layers_as=first)
+        payload["rows"].insert([r["name"] for r in payload["rows"]].index(first) + 1, row)
+    # Machine-independent paths in the record.
+    text = json.dumps(payload).replace(str(cache_root()), "$LIT_PRUNE_HOME")
+    payload = json.loads(text)
     out = Path(args.results_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"quality_{args.tag}.json").write_text(json.dumps(payload, indent=1) + "\n")

@@ -281,14 +281,17 @@ def test_quality_benchmark_table(tiny_checkpoint, pruned_checkpoint, tiny_task_d
     mask = tmp_path / "mask.json"
     mask.write_text(json.dumps({"model": str(tiny_checkpoint), "num_layers": 6, "drop": [1, 2, 3], "method": "tail",
                                 "extra": {"seconds": 1.5}}))
-    argv = ["--model", str(tiny_checkpoint), "--masks", f"drop3={mask}", "--recovered", f"drop2={pruned_checkpoint}",
+    argv = ["--model", str(tiny_checkpoint), "--masks", f"drop3={mask}", f"same3={mask}", "--recovered",
+            f"drop2={pruned_checkpoint}",
             "--reference", "drop2", "--tasks", "piqa", "boolq", "--data-dir", str(tiny_task_data), "--text-files",
             str(tiny_text), "--max-length", "32", "--max-blocks", "4", "--batch-size", "2", "--dtype", "float32",
             "--device", "cpu", "--tag", "tiny", "--results-dir", str(tmp_path / "docs"), "--work-dir",
             str(tmp_path / "work")]
     payload = quality.main(argv)
     rows = {r["name"]: r for r in payload["rows"]}
-    assert list(rows) == ["dense", "drop3", "drop2"]
+    assert list(rows) == ["dense", "drop3", "same3", "drop2"]
+    assert rows["same3"]["same_layers_as"] == "drop3" and rows["same3"]["accuracy"] == rows["drop3"]["accuracy"]
+    assert not (tmp_path / "work" / "models" / "same3").exists()  # scored once
     assert (rows["dense"]["num_layers"], rows["drop3"]["num_layers"], rows["drop2"]["num_layers"]) == (6, 3, 4)
     assert rows["drop3"]["speedup"] == pytest.approx(2.0) and rows["drop3"]["mask_seconds"] == 1.5
     assert rows["drop2"]["paired_vs_reference"] is None  # the reference row
