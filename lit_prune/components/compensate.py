@@ -332,16 +332,25 @@ def resolve_calibration_files(calib_text: Sequence[str | Path], key: str = "--ca
 
 
 def check_options(
-    config, drop: Sequence[int], method: str, calib_text: Sequence[str | Path], calib_tokens: int, ridge: float
+    config, drop: Sequence[int], method: str, calib_text: Sequence[str | Path] | None, calib_tokens: int,
+    ridge: float, keys: tuple[str, str, str] = ("--compensate", "--calib-tokens", "--ridge"),
 ) -> list[str]:
-    """Validate every compensation option from the config alone; return the calibration files."""
+    """Validate every compensation option from the config alone; return the calibration files (none if not given).
+
+    ``keys`` names the method, token-count and ridge options in errors (CLI flags or config keys).
+    """
     if method not in METHODS:
-        raise CompensationError(f"`--compensate` must be one of {', '.join(METHODS)}, got {method!r}.")
+        raise CompensationError(f"`{keys[0]}` must be one of {', '.join(METHODS)}, got {method!r}.")
     if isinstance(calib_tokens, bool) or not isinstance(calib_tokens, int) or calib_tokens < 1:
-        raise CompensationError(f"`--calib-tokens` must be an integer >= 1, got {calib_tokens!r}; e.g. 16384.")
-    solve_map(torch.eye(1, dtype=torch.float64), torch.eye(1, dtype=torch.float64), ridge)
-    check_compensable(config, drop)
-    return resolve_calibration_files(calib_text)
+        raise CompensationError(f"`{keys[1]}` must be an integer >= 1, got {calib_tokens!r}; e.g. 16384.")
+    try:
+        solve_map(torch.eye(1, dtype=torch.float64), torch.eye(1, dtype=torch.float64), ridge)
+    except CompensationError:
+        raise CompensationError(
+            f"`{keys[2]}` must be a finite number >= 0, got {ridge!r}; 0 = plain least squares."
+        ) from None
+    check_compensable(config, drop, key=keys[0])
+    return [] if calib_text is None else resolve_calibration_files(calib_text)
 
 
 def compensate_from_text(

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from lit_prune import hf
 from lit_prune.assets import canonical_model_id, resolve_pretrained
+from lit_prune.components import compensate as compensation
 from lit_prune.components.lora import (
     LLAMA_PROJECTIONS,
     add_lora,
@@ -79,6 +80,10 @@ class RecoveryStage(PruneStage):
         dtype: Dtype the weights (student and teacher) are loaded in.
         optimizer: Optimizer factory applied to the trainable parameters.
         gradient_checkpointing: Recompute layer activations in the backward pass to save memory.
+        compensate: ``linear``: before the cut, fold a least-squares map into the layer before each cut segment
+            (training-free, ``components/compensate.py``), then heal; null: plain cut. Needs ``mask``.
+        compensate_tokens: Calibration tokens for ``compensate``: the first training blocks, unshuffled.
+        compensate_ridge: Relative ridge of the least squares (0 = none).
     """
 
     def __init__(
@@ -99,6 +104,9 @@ class RecoveryStage(PruneStage):
         dtype: Dtype = "auto",
         optimizer: OptimizerCallable = torch.optim.AdamW,
         gradient_checkpointing: bool = False,
+        compensate: str | None = None,
+        compensate_tokens: int = 16384,
+        compensate_ridge: float = 0.0,
     ) -> None:
         super().__init__(pretrained, dtype=dtype, optimizer=optimizer, gradient_checkpointing=gradient_checkpointing)
         if isinstance(width, bool) or not isinstance(width, int) or width < 1:
@@ -111,6 +119,16 @@ class RecoveryStage(PruneStage):
         self.allow_model_mismatch = allow_model_mismatch
         self.save_adapter = save_adapter
         self.mask, self.drop_now = self._resolve_mask(mask)
+        self.compensate, self.compensate_tokens, self.compensate_ridge = compensate, compensate_tokens, compensate_ridge
+        if compensate is not None:  # training-free map before the cut (components/compensate.py), checked here
+            if not self.drop_now:
+                raise ValueError(
+                    "`model.init_args.compensate` fits its map on the dense model before the cut: pass the dense "
+                    "`pretrained` with `mask` (or export with `python -m lit_prune export --compensate linear`)."
+                )
+            compensation.check_options(self.config, self.drop_now, compensate, None, compensate_tokens,
+                                       compensate_ridge, keys=tuple(f"model.init_args.{k}" for k in (
+                                           "compensate", "compensate_tokens", "compensate_ridge")))
         self.num_kept = self.num_layers - len(self.drop_now)
         self.endpoints = self._resolve_endpoints(endpoint_layers_override)
         self.teacher = teacher  # subclasses resolve it (default, or refused) for their loss
@@ -227,8 +245,25 @@ class RecoveryStage(PruneStage):
     def prepare_student(self) -> None:
         """Hard-prune the freshly loaded ``pretrained`` (when a mask is given) and freeze it."""
         if self.drop_now:
+            if self.compensate is not None:
+                self.compensate_cut()
             drop_layers(self.model, self.drop_now)
         self.freeze_model()
+
+    def compensate_cut(self) -> None:
+        """Fold the least-squares map into the layer before each cut, calibrated on the first training blocks."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        train_set = getattr(datamodule, "train_set", None)
+        if train_set is None or len(train_set) == 0 or self.weights_on_meta:
+            raise ValueError(
+                "`model.init_args.compensate` calibrates on the DataModule's training blocks with the full weights "
+                "loaded (not FSDP's meta loading): run it with a PruneDataModule, or export with `python -m "
+                "lit_prune export --compensate linear` and heal that folder."
+            )
+        seq = len(train_set[0]["input_ids"])
+        count = min(len(train_set), -(-self.compensate_tokens // seq))  # unshuffled: a resumed run refits the same map
+        blocks = torch.stack([torch.as_tensor(train_set[i]["input_ids"]) for i in range(count)])
+        compensation.compensate_linear(self.model, self.drop_now, blocks.split(4), self.compensate_ridge)
 
     def load_teacher(self, teacher: str) -> None:
         """Load a frozen dense teacher in the student's dtype (a registered submodule, stripped from checkpoints)."""
