@@ -28,19 +28,29 @@ from lit_prune.components.scorers import output_kl, score, teacher_logits_for
 BASELINES = ["window_scan", "block_influence", "angular", "sleb", "kl_importance", "tail", "random"]
 
 
+# Search variants: the shipped defaults (clp, e3) and the first releases' recipes (clp_plain, e3_plain).
+SEARCHES = {
+    "clp": dict(importance_init="window_scan", refine="polish"),
+    "clp_plain": dict(importance_init="none", refine="none"),
+    "e3": dict(importance_init="kl_greedy", refine="polish"),
+    "e3_plain": dict(importance_init="kl", refine="none"),
+}
+
+
 def run_search(args, kind: str, num_drop: int, train: torch.Tensor, steps: int, seed: int = 1337,
                stop_at: int | None = None, ckpt: str | None = None, save: str | None = None) -> MaskSearch:
     L.seed_everything(seed, verbose=False)
-    if kind == "clp":
+    options = dict(SEARCHES[kind], importance_batches=args.calib_batches, refine_radius=args.refine_radius)
+    if kind.startswith("clp"):
         gate = lambda n, k: ConcaveGate(n, k, protect_first=1, protect_last=1)  # noqa: E731
         module = MaskSearch(args.model, gate=gate, num_drop=num_drop, ratio=None, dtype=args.dtype,
-                            optimizer=lambda p: torch.optim.Adam(p, lr=args.clp_lr))
+                            optimizer=lambda p: torch.optim.Adam(p, lr=args.clp_lr), **options)
         callbacks = [TemperatureSchedule(start=args.clp_t0, end=args.clp_t1, mode="exp", log=False)]
     else:
         gate = lambda n, k: GumbelTopKGate(n, k, protect_first=1, protect_last=1)  # noqa: E731
         module = MaskSearch(args.model, gate=gate, num_drop=num_drop, ratio=None, dtype=args.dtype,
-                            importance_init="kl", importance_batches=args.calib_batches, importance_scale=args.e3_scale,
-                            optimizer=lambda p: torch.optim.Adam(p, lr=args.e3_lr))
+                            importance_scale=args.e3_scale, optimizer=lambda p: torch.optim.Adam(p, lr=args.e3_lr),
+                            **options)
         callbacks = [TemperatureSchedule(start=args.e3_t0, end=args.e3_t1, mode="exp", log=False),
                      TopKAnnealing(start=0, warmup_fraction=0.5, log=False)]
 
@@ -70,6 +80,10 @@ def main() -> None:
     parser.add_argument("--model", default="offline:smollm2-135m")
     parser.add_argument("--text", nargs="+", default=["offline:britannica"])
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.25])
+    parser.add_argument("--num-drop", nargs="+", type=int, default=None, help="Layer counts (instead of --ratios).")
+    parser.add_argument("--held-out-text", nargs="+", default=None,
+                        help="Score masks on this text (all of it, up to --val-blocks) instead of --text's tail.")
+    parser.add_argument("--refine-radius", type=int, default=2)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--calib-batches", type=int, default=4)
@@ -82,7 +96,7 @@ def main() -> None:
     parser.add_argument("--e3-t0", type=float, default=1.0)
     parser.add_argument("--e3-t1", type=float, default=0.1)
     parser.add_argument("--e3-scale", type=float, default=4.0)
-    parser.add_argument("--methods", nargs="+", default=[*BASELINES, "clp", "e3"])
+    parser.add_argument("--methods", nargs="+", default=[*BASELINES, *SEARCHES])
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--bf16-mixed", action="store_true")
     parser.add_argument("--skip-repro", action="store_true")
@@ -96,6 +110,10 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     files = [f for name in args.text for f in resolve_text_source(name)]
     train, val = text_blocks(tokenizer, files, args.seq)
+    if args.held_out_text:
+        held_files = [f for name in args.held_out_text for f in resolve_text_source(name)]
+        train = torch.cat([train, val])  # the calibration text is used whole
+        val, _ = text_blocks(tokenizer, held_files, args.seq, val_fraction=0.0)
     val = val[: args.val_blocks]
     calib = [b.to(device) for b in train[: args.calib_batches * args.batch].split(args.batch)]
     held_out = [b.to(device) for b in val.split(args.batch)]
@@ -112,8 +130,9 @@ def main() -> None:
 
     rows, results = [], {"machine": machine(), "args": vars(args), "train_blocks": len(train),
                           "val_blocks": len(val), "ratios": {}}
-    for ratio in args.ratios:
-        num_drop = round(ratio * num_layers)
+    budgets = args.num_drop or [round(ratio * num_layers) for ratio in args.ratios]
+    for num_drop in budgets:
+        ratio = f"{num_drop}/{num_layers}"
         entry: dict = {"num_drop": num_drop, "methods": {}}
         for name in [m for m in BASELINES if m in args.methods]:
             start = time.perf_counter()
@@ -122,11 +141,12 @@ def main() -> None:
                                       "seconds": time.perf_counter() - start}
         scan_all = {s: held_out_kl(list(range(s, s + num_drop))) for s in range(1, num_layers - 1 - num_drop + 1)}
         entry["held_out_window_kl"] = scan_all
-        for kind in [m for m in ("clp", "e3") if m in args.methods]:
+        for kind in [m for m in SEARCHES if m in args.methods]:
             start = time.perf_counter()
             module = run_search(args, kind, num_drop, train, args.steps)
             drop = module.current_drop()
-            entry["methods"][kind] = {"drop": drop, "kl": held_out_kl(drop), "seconds": time.perf_counter() - start}
+            entry["methods"][kind] = {"drop": drop, "kl": held_out_kl(drop), "seconds": time.perf_counter() - start,
+                                      "refine": module.refine_report}
             del module
         if not args.skip_repro and {"clp", "e3"} <= set(args.methods):
             with tempfile.TemporaryDirectory() as tmp:
@@ -144,7 +164,9 @@ def main() -> None:
         for name, m in entry["methods"].items():
             rows.append((ratio, name, m["drop"], m["kl"], m["kl"] / scan_kl - 1, m["seconds"]))
         results["ratios"][str(ratio)] = entry
-    write_json(args.out, results)
+        write_json(args.out, results)  # after every budget: a cut-short run keeps what it measured
+        print(f"budget {ratio}: " + ", ".join(f"{k} {m['drop']} {m['kl']:.4f} ({m['seconds']:.0f} s)"
+                                               for k, m in entry["methods"].items()), flush=True)
 
     print(f"\nmachine: {results['machine']}; held-out: {len(val)} x {args.seq} tokens; "
           f"calibration: {args.calib_batches} x {args.batch} x {args.seq}; search steps: {args.steps}")
