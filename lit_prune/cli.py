@@ -59,7 +59,8 @@ def export_main(argv: list[str]) -> None:
     if args.compensate:
         for seg in load_mask(f"{out}/mask.json").extra["compensation"]["segments"]:
             before, after = seg["calib_relative_error"]
-            print(f"segment {seg['segment']}: map folded into layer {seg['folded_into_layer']}; calibration "
+            start, end = seg["segment"]
+            print(f"segment [{start}, {end}): map folded into layer {seg['folded_into_layer']}; calibration "
                   f"relative error {before:.4f} -> {after:.4f}")
 
 
