@@ -180,7 +180,7 @@ def test_cli_caches_the_training_blocks_of_the_datamodule(tiny_checkpoint, tiny_
     # In order: row i of the cache is training block i.
     assert [cache.rows[block_hash(b["input_ids"])] for b in data.train_set][:5] == list(range(5))
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["data"]["max_length"] == 32 and meta["bytes_per_token"] >= 3 * 4 + 2  # uint16 ids, fp16 log-probs + tail
+    assert meta["data"]["max_length"] == 32 and meta["bytes_per_token"] >= 3 * 4 + 2  # uint16 ids, fp16 values, tail
     other = data.train_set[0]["input_ids"].clone()
     other[5] = 4  # one token differs
     with pytest.raises(TeacherCacheError, match="no block"):
