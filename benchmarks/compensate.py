@@ -48,6 +48,36 @@ def held_out_scores(dense, variants: dict, blocks: torch.Tensor, batch: int) -> 
     return {name: {"kl": s["kl"] / tokens, "ppl": math.exp(s["nll"] / scored)} for name, s in sums.items()}
 
 
+def heal(args, folder: str, tokenizer, mask, variants: dict, eval_files: list[str]) -> None:
+    """Endpoint LoRA (CE) on the plain and the first compensated export, same batches; adds two variants."""
+    import tempfile
+    from pathlib import Path
+
+    import lightning as L
+
+    from benchmarks._common import fit_seconds
+    from lit_prune import EndpointLoRA
+    from lit_prune.components.lora import LLAMA_PROJECTIONS
+
+    train, _ = text_blocks(tokenizer, eval_files, args.seq, val_fraction=args.val_fraction)
+    root = Path(tempfile.mkdtemp())
+    compensated = next(name for name in variants if name.startswith("compensated"))
+    for name in ("pruned", compensated):
+        out = root / name.split(" ")[0]
+        # The variants are already cut: save them with the mask so the stage reads them as pruned folders.
+        model = variants[name]
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        (out / "mask.json").write_text(mask.to_json())
+        L.seed_everything(1337, verbose=False)
+        stage = EndpointLoRA(str(out), mask=None, loss="ce", dtype="float32", target_modules=LLAMA_PROJECTIONS,
+                             optimizer=lambda p: torch.optim.AdamW(p, lr=args.heal_lr, weight_decay=0.0))
+        seconds = fit_seconds(stage, train, args.heal_batch, args.heal_steps)
+        label = f"{name.split(' ')[0]} + endpoint LoRA ({args.heal_steps} x {args.heal_batch} x {args.seq} tok)"
+        variants[label] = stage.model.eval()
+        print(f"{label}: {seconds:.0f} s", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="offline:smollm2-135m")
@@ -63,6 +93,11 @@ def main() -> None:
     parser.add_argument("--val-blocks", type=int, default=None, help="Cap on held-out blocks (default: all).")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--heal-steps", type=int, default=0,
+                        help="Then heal the plain export and the first compensated one with endpoint LoRA (CE) for "
+                        "this many steps on the training part of --eval-text (0: no healing).")
+    parser.add_argument("--heal-batch", type=int, default=4)
+    parser.add_argument("--heal-lr", type=float, default=5e-4)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.threads:
@@ -99,6 +134,8 @@ def main() -> None:
                                        {"segment": [f.start, f.end], "tokens": f.tokens,
                                         "calib_rel_error_plain": f.relative_error(),
                                         "calib_rel_error_fitted": f.relative_error(f.transform)} for f in fits]}
+    if args.heal_steps:
+        heal(args, folder, tokenizer, mask, variants, eval_files)
     scores = held_out_scores(dense, variants, val, args.batch)
     plain_kl = scores["pruned"]["kl"]
     rows = ["| model | held-out KL(dense ‖ model) | KL vs plain export | held-out ppl | compensation: wall s / CPU s |",

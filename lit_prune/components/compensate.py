@@ -27,6 +27,7 @@ later segment does not see the error left by an earlier one.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,6 +265,14 @@ def compensate_linear(model: nn.Module, drop: Sequence[int], batches: Iterable, 
     """
     solve_map(torch.eye(1, dtype=torch.float64), torch.eye(1, dtype=torch.float64), ridge)  # validate before the pass
     fits = collect_statistics(model, drop, batches)
+    width = fits[0].xtx.shape[0]
+    if fits[0].tokens < 8 * width:
+        # Measured on SmolLM2 (hidden 576): 1,024 tokens made the held-out KL 44% worse, 4,096 14% better.
+        warnings.warn(
+            f"Compensation calibrated on {fits[0].tokens} tokens for a {width} x {width} map: with fewer than "
+            f"{8 * width} tokens the map tends to overfit the calibration text. Raise the calibration token count.",
+            stacklevel=2,
+        )
     base = unwrap(model)
     layers = decoder_layers(base)
     for fit in fits:

@@ -203,3 +203,8 @@ def test_export_refuses_gemma3_before_any_weights_load(tmp_path, tiny_text):
         export_from_mask(str(llama), artifact, tmp_path / "out", compensate="linear", calib_text=(str(tiny_text),),
                          calib_tokens=0)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_too_few_calibration_tokens_warn():
+    with pytest.warns(UserWarning, match="overfit"):
+        compensate_linear(tiny_model("llama"), [3], random_batches(num=2))  # 64 tokens for a 32 x 32 map
