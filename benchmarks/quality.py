@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._common import machine
-from lit_prune.assets import cache_root  # noqa: E402
+from lit_prune.assets import cache_root
 from lit_prune.evaluate_models import load_rows, paired_difference, prepare_out_dir
 from lit_prune.tasks import OFFLINE_TASKS
 
