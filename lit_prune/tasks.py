@@ -304,7 +304,9 @@ def task_manager(
         if name in local:
             served[name] = {"source": f"include_path:{include_path}", "split": None}
     hub_names = [t for t in others if t not in local]
-    if hub_names and not hub_check():
+    if not hub_names:
+        return TaskManager(include_path=paths, include_defaults=False), served
+    if not hub_check():
         # Refused before indexing lm-eval's ~15k task configs: without the hub none of them could load its data.
         name = hub_names[0]
         hint = f" Its offline copy holds the validation split: use {RENAMED[name]!r}." if name in RENAMED else ""
