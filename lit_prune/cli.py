@@ -13,10 +13,21 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
+from jsonargparse import ArgumentError
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
+from lit_prune._warnings import quiet_third_party
+from lit_prune.cli_errors import (
+    INPUT_ERRORS,
+    debug,
+    exit_with,
+    explain_parse_error,
+    first_missing,
+    remove_if_left_empty,
+)
 from lit_prune.data import PruneDataModule
 from lit_prune.stages import PruneStage
 
@@ -29,6 +40,97 @@ class LitPruneCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # One checkpoint id feeds both the weights (model) and the tokenizer (data).
         parser.link_arguments("model.init_args.pretrained", "data.tokenizer")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:  # only raised when main() handles errors (exit_on_error=False)
+            argv = list(sys.argv[1:] if args is None else args)
+            raise CommandLineError(explain_parse_error(str(err), parser, argv)) from err
+
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        self._checkpoint = read_checkpoint(str(ckpt_path)) if ckpt_path else None
+        super()._parse_ckpt_path()
+
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        # The stages load weights in configure_model: everything checked here fails in seconds, not after the load.
+        if self.subcommand == "fit":
+            optimizer = self.config[self.subcommand].model.init_args.get("optimizer")
+            check_optimizer(self.model, getattr(optimizer, "class_path", None) or str(optimizer))
+        if self._checkpoint is not None:
+            ckpt_path = self.config[self.subcommand].ckpt_path
+            check_checkpoint_matches(ckpt_path, self._checkpoint, self.model)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        # A run that fails on its input leaves no version_N folder holding only an events file behind.
+        logger = self.trainer.logger
+        log_dir = getattr(logger, "log_dir", None) if logger is not None else None
+        created = first_missing(log_dir)
+        try:
+            super()._run_subcommand(subcommand)
+        except INPUT_ERRORS:
+            if self.trainer.is_global_zero:
+                remove_if_left_empty(log_dir, created)
+            raise
+
+
+class CommandLineError(ValueError):
+    """A command line jsonargparse rejected, explained on one line."""
+
+
+def check_optimizer(stage: torch.nn.Module, name: str) -> None:
+    """Build the configured optimizer over one dummy parameter, so torch's own range checks run before weights load."""
+    factory = getattr(stage, "optimizer_factory", None)
+    if factory is None:
+        return
+    try:
+        factory([torch.nn.Parameter(torch.zeros(1))])
+    except ValueError as err:
+        words = {"learning rate": "lr", "epsilon": "eps", "beta": "betas", "weight_decay": "weight_decay",
+                 "momentum": "momentum", "dampening": "dampening"}
+        key = next((k for w, k in words.items() if w in str(err)), None)
+        where = f"model.init_args.optimizer.init_args.{key}" if key else "model.init_args.optimizer.init_args"
+        raise ValueError(f"`{where}`: {name} rejects it: {err}. Fix that value in the config or on the command "
+                         f"line (e.g. --{where}=...); lr, eps and weight_decay must be >= 0, betas in [0, 1)."
+                         ) from None
+
+
+def read_checkpoint(ckpt_path: str) -> dict | None:
+    """The ``--ckpt_path`` file, memory-mapped; None for Lightning's special values and remote paths."""
+    if ckpt_path in ("best", "last", "hpc") or ckpt_path.startswith("registry") or "://" in ckpt_path:
+        return None
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"`--ckpt_path` {ckpt_path} does not exist. Pass a .ckpt file of a run of this config "
+                                "(runs/.../version_N/checkpoints/*.ckpt), or start without --ckpt_path.")
+    try:
+        return torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # truncated, or not a checkpoint at all
+        detail = str(err).split(". ")[0] if str(err) else type(err).__name__
+        raise ValueError(f"`--ckpt_path` {ckpt_path} cannot be read as a checkpoint ({detail}). Is the file complete "
+                         "(a copy or a save that was cut short)? Pass another checkpoint of this run, or start without "
+                         "--ckpt_path.") from None
+
+
+def check_checkpoint_matches(ckpt_path: str, checkpoint: dict, stage: torch.nn.Module) -> None:
+    """Refuse, before weights load, a ``--ckpt_path`` written by another stage or gate than this run's."""
+    saved = set(checkpoint.get("state_dict", {}))
+    # What this stage holds before weights load (gates, buffers); the frozen model is never in our checkpoints.
+    expected = {k for k in stage.state_dict() if not k.startswith("model.")}
+    if not expected:
+        return
+    roots = {k.split(".")[0] for k in expected}
+    missing = sorted(expected - saved)
+    unexpected = sorted(k for k in saved - expected if k.split(".")[0] in roots)
+    if missing or unexpected:
+        config = Path(ckpt_path).parent.parent / "config.yaml"
+        made_by = f" (the config it was made with: {config})" if config.is_file() else ""
+        raise ValueError(
+            f"`--ckpt_path` {ckpt_path} was written by another stage or gate than this run's "
+            f"{type(stage).__name__}: it holds {unexpected[:3] or 'no'} where this run expects {missing[:3] or 'no'} "
+            f"extra keys. Resume with the config that made it{made_by}, or start without --ckpt_path.")
 
 
 def export_main(argv: list[str]) -> None:
@@ -98,8 +200,12 @@ def assets_main(argv: list[str]) -> None:
     prepare_assets(argv)
 
 
-def main(args: ArgsType = None) -> LitPruneCLI | None:
+def main(args: ArgsType = None, exit_on_error: bool | None = None) -> LitPruneCLI | None:
+    """Run a command. A bad input exits with one ``error:`` line and code 2 when called from the command line (or
+    with ``exit_on_error=True``); in-process callers get the exception. ``LIT_PRUNE_DEBUG=1``: always the exception."""
+    quiet_third_party()  # before any model loads: torchao comes in with transformers' quantizers
     argv = list(sys.argv[1:] if args is None else args)
+    handle = (args is None if exit_on_error is None else exit_on_error) and not debug()
     if argv and argv[0] in EXTRA_COMMANDS:
         try:
             from lit_prune.evaluate_models import evaluate_main
@@ -108,11 +214,11 @@ def main(args: ArgsType = None) -> LitPruneCLI | None:
             commands = {"export": export_main, "assets": assets_main, "cache-teacher": cache_teacher_main,
                         "evaluate": evaluate_main, "quantize": quantize_main}
             commands[argv[0]](argv[1:])
-        except (ValueError, FileExistsError, RuntimeError) as err:
+        except (*INPUT_ERRORS, RuntimeError) as err:
             # Input errors are the user's to fix: show the message, not a traceback.
-            if args is not None:
+            if not handle:
                 raise
-            sys.exit(f"error: {err}")
+            exit_with(str(err))
         return None
     try:
         return LitPruneCLI(
@@ -124,6 +230,7 @@ def main(args: ArgsType = None) -> LitPruneCLI | None:
             # Runs with a logger get their own version folder; without one, re-runs would otherwise refuse to start.
             save_config_kwargs={"overwrite": True},
             parser_kwargs={
+                **({"exit_on_error": False} if handle else {}),
                 "epilog": "Other commands: `python -m lit_prune export --help`, `python -m lit_prune evaluate --help`, "
                 "`python -m lit_prune cache-teacher --help`, `python -m lit_prune quantize --help`, "
                 "`python -m lit_prune assets`."
@@ -134,6 +241,10 @@ def main(args: ArgsType = None) -> LitPruneCLI | None:
         if args is not None:
             raise RuntimeError(message) from err
         sys.exit(f"error: {message}\n({str(err).splitlines()[0]})")
+    except INPUT_ERRORS as err:
+        if not handle:
+            raise
+        exit_with(str(err))
 
 
 def out_of_memory_message(argv: list[str]) -> str:

@@ -1,0 +1,130 @@
+"""One shape for every bad input on the command line: ``error: <message>`` on one line, exit code 2, no traceback.
+
+``LIT_PRUNE_DEBUG=1`` re-raises instead, with the full traceback. The messages are the ones our checks raise (they
+name the key, the value, what is allowed and how to fix it); this module only digs them out of jsonargparse's
+wrappers, suggests the closest key for a mistyped one, and removes run folders that a failed run left empty.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import os
+import re
+import shutil
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+# Exceptions that mean "the input is wrong", not "the code is wrong": shown as one line.
+INPUT_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError,
+                                                 IsADirectoryError, PermissionError)
+
+# What jsonargparse adds around a message, per line; never the user's problem.
+_NOISE_LINES = re.compile(
+    r"^\s*(-\s*)?(Expected a <class 'NoneType'>|Does not validate against any of the Union subtypes|Subtypes: |"
+    r"Errors:|Given value type: |Given value: |Problem with given class_path|Parser key \"[^\"]*\":?$|"
+    r"Not a valid subclass of|Subclass types expect one of:|Validation failed: .*$)"
+)
+_UNKNOWN_OPTION = re.compile(r"Option '([^']+)' is not accepted|Key '([^']+)' is not expected|"
+                             r"[Uu]nrecognized arguments: (\S+)|No action for key \"([^\"]+)\"")
+_CLASS_PATH = re.compile(r"Problem with given class_path '([^']+)'")
+
+
+def debug() -> bool:
+    return os.environ.get("LIT_PRUNE_DEBUG") == "1"
+
+
+def one_line(message: str) -> str:
+    """The informative part of a (possibly nested, multi-line) error message, joined into one line."""
+    lines = [line.strip() for line in str(message).splitlines()]
+    kept = [line[2:] if line.startswith("- ") else line for line in lines if line and not _NOISE_LINES.match(line)]
+    # Our own checks name the key in backticks: prefer those lines over jsonargparse's framing.
+    ours = [line for line in kept if line.startswith("`")]
+    return " ".join(ours or kept or [str(message).strip()])
+
+
+def _class_parameters(class_path: str) -> list[str]:
+    """Init parameters of ``class_path`` (following ``**kwargs`` to base classes, as the parser does)."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        from jsonargparse._parameter_resolvers import get_signature_parameters
+
+        return [p.name for p in get_signature_parameters(cls, None)]
+    except Exception:  # a suggestion is a nicety: never let it hide the error itself
+        return []
+
+
+def parser_keys(parser: Any) -> list[str]:
+    """Every ``--dotted.key`` a (jsonargparse) parser and its subcommand parsers accept."""
+    keys: list[str] = []
+    for action in getattr(parser, "_actions", []):
+        keys += [s for s in action.option_strings if s.startswith("--")]
+        for sub in (getattr(action, "choices", None) or {}).values() if hasattr(action, "_name_parser_map") else ():
+            keys += parser_keys(sub)
+    return keys
+
+
+def suggest(unknown: str, candidates: Iterable[str]) -> str:
+    """`` Did you mean --x?`` for the closest candidate, or ``""``."""
+    best = difflib.get_close_matches(unknown, list(dict.fromkeys(candidates)), n=1, cutoff=0.6)
+    return f" Did you mean {best[0]}?" if best else ""
+
+
+def explain_parse_error(message: str, parser: Any, argv: list[str]) -> str:
+    """One line for a jsonargparse parse error; a mistyped key gets the closest accepted key."""
+    found = _UNKNOWN_OPTION.search(message)
+    if not found:
+        return one_line(message)
+    unknown = next(g for g in found.groups() if g).split("=")[0].lstrip("-")
+    class_path = _CLASS_PATH.search(message)
+    if class_path:
+        # A key inside a class's init_args: find which group the user wrote it under on the command line.
+        given = next((a.split("=")[0] for a in argv if a.split("=")[0].endswith(f".{unknown}")), f"--{unknown}")
+        prefix = given[: -len(unknown)]
+        candidates = [prefix + name for name in _class_parameters(class_path.group(1))]
+        return (f"{given}: not an option of {class_path.group(1)} (see `--{prefix.strip('-').split('.')[0]}.help "
+                f"{class_path.group(1)}`).{suggest(given, candidates)}")
+    given = f"--{unknown}"
+    return f"{given}: unknown option (see --help).{suggest(given, parser_keys(parser))}"
+
+
+def _only_startup_files(folder: Path) -> bool:
+    """True for a run folder holding nothing a user would miss: an events file, the saved config, hparams."""
+    return folder.is_dir() and all(
+        p.name.startswith("events.out.tfevents.") or p.name in {"config.yaml", "hparams.yaml"}
+        for p in folder.rglob("*") if not p.is_dir()
+    )
+
+
+def first_missing(folder: str | os.PathLike | None) -> Path | None:
+    """The topmost folder on the way to ``folder`` that does not exist yet (what a run would create), or None."""
+    if folder is None:
+        return None
+    path = Path(folder).absolute()
+    created = None
+    while not path.exists():
+        created, path = path, path.parent
+    return created
+
+
+def remove_if_left_empty(folder: str | os.PathLike | None, created: Path | None) -> None:
+    """Remove ``folder`` and its parents up to ``created`` (see ``first_missing``) when a failed run left them empty."""
+    if folder is None or created is None:
+        return
+    folder = Path(folder).absolute()
+    if not _only_startup_files(folder):
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    parent = folder.parent
+    while parent != created.parent and parent.is_dir() and not any(parent.iterdir()):
+        parent.rmdir()
+        parent = parent.parent
+
+
+def exit_with(message: str, code: int = 2) -> None:
+    """Print ``error: <message>`` on one line to stderr and exit."""
+    print(f"error: {one_line(message)}", file=sys.stderr)
+    raise SystemExit(code)
