@@ -415,8 +415,8 @@ RESULTS_FILE = "results.json"
 ROWS_DIR = "rows"
 
 
-def prepare_out_dir(out: str | Path, overwrite: bool, resume: bool = False) -> Path:
-    """Create ``out``; refuse a non-empty one unless ``overwrite`` or ``resume``."""
+def prepare_out_dir(out: str | Path, overwrite: bool, resume: bool = False, create: bool = True) -> Path:
+    """Check (and with ``create``, create) ``out``; refuse a non-empty one unless ``overwrite`` or ``resume``."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"`--out`={str(out)!r} is a file; pass a folder.")
@@ -428,7 +428,8 @@ def prepare_out_dir(out: str | Path, overwrite: bool, resume: bool = False) -> P
             f"`--out`={str(out)!r} is not empty. Pick a new folder, pass --resume to continue the run it holds, or "
             "--overwrite to replace its results files."
         )
-    out.mkdir(parents=True, exist_ok=True)
+    if create:
+        out.mkdir(parents=True, exist_ok=True)
     return out
 
 
@@ -643,7 +644,8 @@ def evaluate(
         raise ValueError(f"`--tasks` names a task twice: {tasks}.")
     # Everything cheap first: output folder, configs, tokenizers, lm-eval and its task names, the data.
     sources = {name: split_quantization(spec, key=f"--models {name}") for name, spec in models.items()}
-    out_dir = prepare_out_dir(out, overwrite, resume) if out is not None else None
+    # Checked now, created once every input has passed: a refused run leaves no empty folder behind.
+    out_dir = prepare_out_dir(out, overwrite, resume, create=False) if out is not None else None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     configs = {name: load_config(src, key=f"--models {name}") for name, (src, _) in sources.items()}
     quant = {name: check_quantization(name, models[name], method, configs[name], device)
@@ -706,6 +708,9 @@ def evaluate(
                     del entry["tasks"][task]
                 else:
                     rows[name][task] = found
+
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
         if out_dir is not None:

@@ -265,6 +265,7 @@ def test_unservable_task_stops_before_weights(tiny_checkpoint, tmp_path, monkeyp
     monkeypatch.setattr(hf, "load_causal_lm", lambda *a, **k: pytest.fail("weights loaded before the task check"))
     with pytest.raises(TaskError, match=r"'hellaswag' cannot be served.*missing: piqa, hellaswag"):
         evaluate({"dense": str(tiny_checkpoint)}, tasks=["hellaswag"], data_dir=tmp_path / "none", out=tmp_path / "o")
+    assert not (tmp_path / "o").exists()  # a refused run leaves no output folder
     with pytest.raises(ValueError, match="letters, digits"):
         parse_models(["bad/name=x"])
 
