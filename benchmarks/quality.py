@@ -260,12 +260,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     resume = (eval_dir / "results.json").is_file()
     if not resume:
         prepare_out_dir(eval_dir, overwrite=True)
-    results = evaluate(
-        models, out=eval_dir, text_files=args.text_files, max_length=args.max_length, val_fraction=0.0,
-        max_blocks=args.max_blocks, batch_size=args.batch_size, tasks=args.tasks, limit=args.limit,
-        data_dir=args.data_dir, dtype=args.dtype, device=args.device, resume=resume, overwrite=not resume,
-        bos_per_window=not args.no_bos_per_window,
-    )
+    try:
+        results = evaluate(
+            models, out=eval_dir, text_files=args.text_files, max_length=args.max_length, val_fraction=0.0,
+            max_blocks=args.max_blocks, batch_size=args.batch_size, tasks=args.tasks, limit=args.limit,
+            data_dir=args.data_dir, dtype=args.dtype, device=args.device, resume=resume, overwrite=not resume,
+            bos_per_window=not args.no_bos_per_window,
+        )
+    except ValueError as err:
+        if "other settings" not in str(err):
+            raise
+        raise SystemExit(f"{err} ({eval_dir} holds a stopped run with other settings: pass another --work-dir or "
+                         "--tag, or delete that folder.)") from None
     payload = {
         "machine": machine(), "date": time.strftime("%Y-%m-%d"), "seconds": time.time() - start,
         "command": "python -m benchmarks.quality " + " ".join(argv if argv is not None else sys.argv[1:]),
