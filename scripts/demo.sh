@@ -14,48 +14,49 @@ ACC_ROWS=${DEMO_ACC_ROWS:-200}
 RUNS="$OUT/runs"
 mkdir -p "$OUT"
 quiet() { grep -vE "it/s\]|examples/s\]|Tip:|LeafSpec|eval mode|^\s*$" || true; }
+step() { echo "== $* [${SECONDS}s]"; }  # elapsed seconds at the start of each step
 
-echo "== 1. offline assets (converted once, then cached)"
+step "1. offline assets (converted once, then cached)"
 $PY -m lit_prune assets
 
-echo "== 2. dense perplexity"
+step "2. dense perplexity"
 $PY -m lit_prune validate -c configs/eval_smollm2.yaml --trainer.logger.init_args.save_dir="$RUNS" \
   --trainer.logger.init_args.name=dense 2>&1 | tee "$OUT/dense.log" | quiet
 
-echo "== 3. CLP mask search: 8 of 30 layers, $SEARCH_STEPS steps (weights frozen, only the concave gate trains)"
+step "3. CLP mask search: 8 of 30 layers, $SEARCH_STEPS steps (weights frozen, only the concave gate trains)"
 rm -rf "$RUNS/clp_smollm2/demo"
 $PY -m lit_prune fit -c configs/clp_smollm2.yaml --trainer.max_steps="$SEARCH_STEPS" --trainer.limit_val_batches=0 \
   --trainer.logger.init_args.save_dir="$RUNS" --trainer.logger.init_args.version=demo 2>&1 | quiet
 MASK="$RUNS/clp_smollm2/demo/mask.json"
 cat "$MASK"
 
-echo "== 4. pruned perplexity (the mask applied by real surgery)"
+step "4. pruned perplexity (the mask applied by real surgery)"
 $PY -m lit_prune validate -c configs/eval_smollm2.yaml --model.init_args.mask="$MASK" \
   --trainer.logger.init_args.save_dir="$RUNS" --trainer.logger.init_args.name=pruned 2>&1 | tee "$OUT/pruned.log" | quiet
 
-echo "== 5. endpoint LoRA recovery: $RECOVERY_STEPS steps, LoRA only next to the cut, merged into a vanilla checkpoint"
+step "5. endpoint LoRA recovery: $RECOVERY_STEPS steps, LoRA only next to the cut, merged into a vanilla checkpoint"
 rm -rf "$RUNS/clp_endpoint_smollm2/demo"
 $PY -m lit_prune fit -c configs/clp_endpoint_smollm2.yaml --model.init_args.mask="$MASK" \
   --trainer.max_steps="$RECOVERY_STEPS" --trainer.limit_val_batches=0 \
   --trainer.logger.init_args.save_dir="$RUNS" --trainer.logger.init_args.version=demo 2>&1 | quiet
 RECOVERED="$RUNS/clp_endpoint_smollm2/demo/pruned"
 
-echo "== 6. recovered perplexity (the exported folder, loaded like any HF checkpoint)"
+step "6. recovered perplexity (the exported folder, loaded like any HF checkpoint)"
 $PY -m lit_prune validate -c configs/eval_smollm2.yaml --model.init_args.pretrained="$RECOVERED" \
   --trainer.logger.init_args.save_dir="$RUNS" --trainer.logger.init_args.name=recovered 2>&1 \
   | tee "$OUT/recovered.log" | quiet
 
-echo "== 7. the recovered model loads with plain transformers and generates"
+step "7. the recovered model loads with plain transformers and generates"
 $PY scripts/generate.py "$RECOVERED" "The history of England"
 
 if [ "$ACC_ROWS" -gt 0 ]; then
-  echo "== 8. zero-shot accuracy, dense vs recovered: first $ACC_ROWS rows of PIQA and ARC-Easy (validation), bf16"
+  step "8. zero-shot accuracy, dense vs recovered: first $ACC_ROWS rows of PIQA and ARC-Easy (validation), bf16"
   $PY -m lit_prune evaluate --models dense=offline:smollm2-135m recovered="$RECOVERED" --tasks piqa arc_easy_val \
     --limit "$ACC_ROWS" --dtype bfloat16 --batch-size 16 --out "$OUT/accuracy" --overwrite >"$OUT/accuracy.log" 2>&1 \
     || { tail -n 5 "$OUT/accuracy.log"; exit 1; }
 fi
 
-echo "== summary (held-out Britannica, 16 x 256 tokens)"
+step "summary (held-out Britannica, 16 x 256 tokens)"
 $PY scripts/summarize_logs.py "$OUT/dense.log" "$OUT/pruned.log" "$OUT/recovered.log"
 if [ "$ACC_ROWS" -gt 0 ]; then
   $PY - "$OUT/accuracy/results.json" <<'PY'
@@ -73,4 +74,4 @@ ret = rec["retention"]
 print(f"accuracy retention: mean of ratios {num(ret['mean_of_ratios'])}, ratio of means {num(ret['ratio_of_means'])}")
 PY
 fi
-echo "TensorBoard: tensorboard --logdir $RUNS"
+echo "TensorBoard: tensorboard --logdir $RUNS   (demo: ${SECONDS}s)"
