@@ -26,6 +26,7 @@ offline, so few-shot prompting is refused for these tasks.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import socket
@@ -286,7 +287,10 @@ def task_manager(
         raise TaskError(f"--num-fewshot {num_fewshot} with offline task(s) {offline}: the offline copies hold only "
                         "the scored validation split, so few-shot examples would come from the rows being scored. "
                         "Use --num-fewshot 0.")
-    yaml_dir = Path(yaml_dir) if yaml_dir is not None else Path(tempfile.mkdtemp(prefix="lit_prune_tasks_"))
+    if yaml_dir is None:  # lm-eval reads the YAMLs again when it loads the tasks: keep them until the process ends
+        yaml_dir = Path(tempfile.mkdtemp(prefix="lit_prune_tasks_"))
+        atexit.register(shutil.rmtree, yaml_dir, True)
+    yaml_dir = Path(yaml_dir)
     paths: list[str] = [str(write_task_yamls(offline, folder, yaml_dir))] if offline else []
     if include_path:
         paths.append(include_path)
