@@ -1,6 +1,6 @@
 """Command line: ``python -m lit_prune {fit,validate,test} -c CONFIG`` (LightningCLI), plus ``export`` and ``assets``.
 
-- ``fit|validate|test|predict``: LightningCLI; the stage is chosen by ``model.class_path`` and the model id is
+- ``fit|validate|test``: LightningCLI; the stage is chosen by ``model.class_path`` and the model id is
   linked once into ``data.tokenizer``.
 - ``export --model M --mask mask.json --out DIR``: apply a mask to a model and write a vanilla smaller checkpoint.
 - ``quantize --model DIR --method M --out DIR``: weight-quantize a (pruned) model with torchao or bitsandbytes.
@@ -41,6 +41,13 @@ class LitPruneCLI(LightningCLI):
         # One checkpoint id feeds both the weights (model) and the tokenizer (data).
         parser.link_arguments("model.init_args.pretrained", "data.tokenizer")
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # No stage has a predict step: `predict` is not offered (generation: scripts/generate.py on an export).
+        commands = dict(LightningCLI.subcommands())
+        commands.pop("predict", None)
+        return commands
+
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         try:
             super().parse_arguments(parser, args)
@@ -60,6 +67,10 @@ class LitPruneCLI(LightningCLI):
         if self.subcommand == "fit":
             optimizer = self.config[self.subcommand].model.init_args.get("optimizer")
             check_optimizer(self.model, getattr(optimizer, "class_path", None) or str(optimizer))
+        held_out = getattr(self.datamodule, "hparams", {}).get("val_fraction")
+        if self.subcommand in ("validate", "test") and held_out == 0:
+            raise ValueError(f"`data.val_fraction` is 0, so `{self.subcommand}` has no held-out blocks to score. Set "
+                             "it in (0, 1), e.g. --data.val_fraction=0.1 (the last 10% of the text).")
         if self._checkpoint is not None:
             ckpt_path = self.config[self.subcommand].ckpt_path
             check_checkpoint_matches(ckpt_path, self._checkpoint, self.model)

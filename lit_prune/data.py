@@ -240,6 +240,11 @@ class PruneDataModule(L.LightningDataModule):
         num_tokens = sum(len(x) for x in tokenized["input_ids"])
         blocks = tokenized.map(self._pack, batched=True, batch_size=GROUP_SIZE, desc="Packing")
         if len(blocks) == 0:
+            hp = self.hparams
+            if hp.prompt_field is None and not any((t or "").strip() for t in records[hp.text_field]):
+                source = f"`data.text_files`={hp.text_files}" if hp.text_files else f"`data.dataset`={hp.dataset!r}"
+                raise DataConfigError(f"The data hold 0 tokens: every record of {source} is empty. Point it at "
+                                      "non-empty text.")
             raise DataConfigError(
                 f"The data hold {num_tokens} tokens, fewer than one block of `data.max_length`="
                 f"{self.hparams.max_length}. Add text or lower data.max_length."

@@ -7,7 +7,10 @@ error, naming the option it came from, before any weight loads.
 
 from __future__ import annotations
 
+import os
+import socket
 from typing import Literal
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -33,10 +36,38 @@ def read_config(
     """Read a model's config (no weights); raise ``error`` naming ``key`` when it is not a loadable model."""
     from transformers import AutoConfig
 
+    folder = resolve_pretrained(pretrained)
+    if os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, "config.json")):
+        raise error(f"`{key}`={pretrained!r} is a folder without config.json, so not a saved model (it holds "
+                    f"{sorted(os.listdir(folder))[:4]}). {hint}")
+    if not os.path.exists(folder) and _hub_unreachable(folder):
+        raise error(f"`{key}`={pretrained!r} is not a local folder, not in the local Hugging Face cache, and the hub "
+                    "cannot be reached from here. Set HF_HUB_OFFLINE=1 to use only the cache, copy the model into a "
+                    f"folder and pass that, or use an offline: name. {hint}")
     try:
-        return AutoConfig.from_pretrained(resolve_pretrained(pretrained))
+        return AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as err:
         raise error(f"`{key}`={pretrained!r} is not a loadable model: {err}. {hint}") from None
+
+
+def _hub_unreachable(repo_id: str) -> bool:
+    """True when ``repo_id`` is not cached and the hub's host does not even resolve (no network): answer at once
+    instead of after the hub client's retries (about 25 s). Proxies and offline mode are left to the hub client."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY")):
+        return False
+    try:
+        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+            return False
+    except ValueError:  # not a valid repo id: the hub client's own error says so
+        return False
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return True
+    return False
 
 
 def load_config(pretrained: str, key: str = "model.init_args.pretrained"):
