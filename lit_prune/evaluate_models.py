@@ -758,6 +758,8 @@ def evaluate(
                 save()
             del hflm
         del model
+        if str(device).startswith("cuda"):
+            torch.cuda.empty_cache()  # many models in one run: hand the last one's memory back before the next
     # Models and tasks in the order asked for, whatever order a resumed run computed them in.
     results["models"] = {n: results["models"][n] for n in models}
     for entry in results["models"].values():
