@@ -100,7 +100,7 @@ def test_tokenizer_mismatch_is_refused_before_weights(tiny_checkpoint, tiny_text
 def test_empty_dataset_error(tiny_checkpoint, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text('{"text": ""}\n')
-    with pytest.raises(DataConfigError, match="max_length"):
+    with pytest.raises(DataConfigError, match=r"0 tokens.*empty\.jsonl.*is empty"):
         evaluate({"dense": str(tiny_checkpoint)}, text_files=[str(empty)], max_length=32, val_fraction=0)
     with pytest.raises(ValueError, match="Nothing to evaluate"):
         evaluate({"dense": str(tiny_checkpoint)})
