@@ -47,10 +47,11 @@ _installed = False
 def quiet_third_party() -> None:
     """Install the filters above (once per process); a no-op under ``LIT_PRUNE_DEBUG=1``."""
     global _installed
-    if _installed or os.environ.get("LIT_PRUNE_DEBUG") == "1":
+    if os.environ.get("LIT_PRUNE_DEBUG") == "1":
         return
-    _installed = True
-    for name, prefix in _LOG_NOISE:
-        logging.getLogger(name).addFilter(_DropPrefix(prefix))
-    for pattern in _WARNING_NOISE:
+    for pattern in _WARNING_NOISE:  # idempotent: an identical filter replaces the old one
         warnings.filterwarnings("ignore", message=pattern)
+    if not _installed:
+        _installed = True
+        for name, prefix in _LOG_NOISE:
+            logging.getLogger(name).addFilter(_DropPrefix(prefix))

@@ -218,6 +218,8 @@ def main(args: ArgsType = None, exit_on_error: bool | None = None) -> LitPruneCL
     argv = list(sys.argv[1:] if args is None else args)
     handle = (args is None if exit_on_error is None else exit_on_error) and not debug()
     if argv and argv[0] in EXTRA_COMMANDS:
+        out = option_value(argv, "--out")
+        created = first_missing(out)
         try:
             from lit_prune.evaluate_models import evaluate_main
             from lit_prune.teacher_cache_cli import cache_teacher_main
@@ -226,6 +228,7 @@ def main(args: ArgsType = None, exit_on_error: bool | None = None) -> LitPruneCL
                         "evaluate": evaluate_main, "quantize": quantize_main}
             commands[argv[0]](argv[1:])
         except (*INPUT_ERRORS, RuntimeError) as err:
+            remove_if_left_empty(out, created)  # a failed command leaves no empty --out folder
             # Input errors are the user's to fix: show the message, not a traceback.
             if not handle:
                 raise
@@ -256,6 +259,17 @@ def main(args: ArgsType = None, exit_on_error: bool | None = None) -> LitPruneCL
         if not handle:
             raise
         exit_with(str(err))
+
+
+def option_value(argv: list[str], option: str) -> str | None:
+    """The value of ``--option V`` or ``--option=V`` in ``argv`` (last one wins), or None."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == option and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(option + "="):
+            value = arg.split("=", 1)[1]
+    return value
 
 
 def out_of_memory_message(argv: list[str]) -> str:

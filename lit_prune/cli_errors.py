@@ -92,7 +92,8 @@ def explain_parse_error(message: str, parser: Any, argv: list[str]) -> str:
 
 
 def _only_startup_files(folder: Path) -> bool:
-    """True for a run folder holding nothing a user would miss: an events file, the saved config, hparams."""
+    """True for a run folder holding nothing a user would miss: an events file, the saved config, hparams (or an
+    output folder holding no file at all)."""
     return folder.is_dir() and all(
         p.name.startswith("events.out.tfevents.") or p.name in {"config.yaml", "hparams.yaml"}
         for p in folder.rglob("*") if not p.is_dir()

@@ -1,0 +1,208 @@
+"""Bad inputs end in one ``error:`` line, exit code 2, no traceback, and leave nothing on disk (issue 16).
+
+The CLI runs in-process with ``exit_on_error=True`` (what the command line gets); tiny random models only.
+"""
+
+import logging
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from lit_prune.cli import main
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+
+
+def _fails(argv: list[str], capsys) -> str:
+    """Run the CLI, assert exit code 2 and exactly one error line without a traceback; return that line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv, exit_on_error=True)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and "Namespace(" not in err
+    return lines[0]
+
+
+@pytest.fixture()
+def search_args(tiny_checkpoint, tiny_text, tmp_path):
+    """A CLP search on the tiny model with the config's own TensorBoard logger under tmp_path/runs."""
+    return [
+        "fit", "-c", str(CONFIGS / "clp_smollm2.yaml"),
+        f"--model.init_args.pretrained={tiny_checkpoint}", f"--data.text_files=[{tiny_text}]",
+        "--data.max_length=32", "--model.init_args.dtype=float32", "--trainer.max_steps=2",
+        "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}", f"--trainer.default_root_dir={tmp_path}",
+    ]
+
+
+def _validate_args(tiny_checkpoint, tiny_text, tmp_path):
+    return [
+        "validate", "-c", str(CONFIGS / "eval_smollm2.yaml"), f"--model.init_args.pretrained={tiny_checkpoint}",
+        f"--data.text_files=[{tiny_text}]", "--data.max_length=32", "--trainer.accelerator=cpu",
+        "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+    ]
+
+
+def test_a_value_our_check_rejects_is_one_line_naming_the_key(search_args, tmp_path, capsys):
+    line = _fails([*search_args, "--model.init_args.ratio=1.5"], capsys)
+    assert line.startswith("error: `model.init_args.ratio` must be in (0, 1), got 1.5")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(("typo", "suggestion"), [
+    ("--model.init_args.ratoi=0.5", "Did you mean --model.init_args.ratio?"),
+    ("--trainer.max_stpes=3", "Did you mean --trainer.max_steps?"),
+    ("--data.batch_sise=3", "Did you mean --data.batch_size?"),
+])
+def test_a_mistyped_key_gets_the_closest_key(search_args, typo, suggestion, capsys):
+    line = _fails([*search_args, typo], capsys)
+    assert typo.split("=")[0] in line and line.endswith(suggestion)
+
+
+def test_a_negative_learning_rate_names_the_config_key_before_weights_load(search_args, tmp_path, capsys, monkeypatch):
+    import lit_prune.hf
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("weights loaded before the optimizer check")
+
+    monkeypatch.setattr(lit_prune.hf, "load_causal_lm", no_load)
+    line = _fails([*search_args, "--model.init_args.optimizer.init_args.lr=-0.1"], capsys)
+    assert "`model.init_args.optimizer.init_args.lr`" in line and "torch.optim.Adam" in line and "-0.1" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_checkpoint_of_another_gate_is_refused_before_restoring(tiny_checkpoint, tiny_text, tmp_path, capsys):
+    # What a CLP search checkpoints (the frozen model is stripped): the concave gate's parameter and buffers.
+    ckpt = tmp_path / "clp.ckpt"
+    torch.save({"state_dict": {"gate.starts": torch.zeros(1), "init_keep": torch.ones(6)}, "global_step": 4}, ckpt)
+    e3 = [
+        "fit", "-c", str(CONFIGS / "e3_smollm2.yaml"), f"--model.init_args.pretrained={tiny_checkpoint}",
+        f"--data.text_files=[{tiny_text}]", "--data.max_length=32", "--model.init_args.dtype=float32",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}", f"--ckpt_path={ckpt}",
+    ]
+    line = _fails(e3, capsys)
+    assert str(ckpt) in line and "gate.starts" in line and "gate.logits" in line and "another stage or gate" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_truncated_or_missing_checkpoint_names_the_file(search_args, tmp_path, capsys):
+    whole = tmp_path / "whole.ckpt"
+    torch.save({"state_dict": {"gate.starts": torch.zeros(1)}}, whole)
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(whole.read_bytes()[:200])
+    line = _fails([*search_args, f"--ckpt_path={cut}"], capsys)
+    assert f"`--ckpt_path` {cut} cannot be read" in line and "complete" in line
+    line = _fails([*search_args, f"--ckpt_path={tmp_path / 'nowhere.ckpt'}"], capsys)
+    assert "nowhere.ckpt does not exist" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_validate_without_held_out_blocks_is_an_error(tiny_checkpoint, tiny_text, tmp_path, capsys):
+    line = _fails([*_validate_args(tiny_checkpoint, tiny_text, tmp_path), "--data.val_fraction=0"], capsys)
+    assert "`data.val_fraction` is 0" in line and "--data.val_fraction=0.1" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_folder_without_config_json_says_so(tiny_checkpoint, tiny_text, tmp_path, capsys):
+    (tmp_path / "not_a_model").mkdir()
+    (tmp_path / "not_a_model" / "notes.txt").write_text("x")
+    args = _validate_args(tiny_checkpoint, tiny_text, tmp_path)
+    line = _fails([*args, f"--model.init_args.pretrained={tmp_path / 'not_a_model'}"], capsys)
+    assert "folder without config.json" in line and "notes.txt" in line and "model_type" not in line
+
+
+def test_an_unreachable_hub_id_fails_at_once_with_the_offline_hint(monkeypatch):
+    import socket
+
+    from huggingface_hub import constants
+
+    from lit_prune import hf
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror("Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    with pytest.raises(ValueError, match=r"`model.init_args.pretrained`='someone/missing'.*HF_HUB_OFFLINE=1.*offline:"):
+        hf.read_config("someone/missing")
+
+
+def test_an_empty_text_file_says_0_tokens_and_leaves_no_run_folder(search_args, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    # The data are read in setup, after the logger made version_0 and wrote config.yaml there.
+    line = _fails([*search_args, f"--data.text_files=[{empty}]"], capsys)
+    assert "0 tokens" in line and str(empty) in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_other_commands_share_the_style_and_leave_no_out_folder(tiny_text, tmp_path, capsys):
+    (tmp_path / "not_a_model").mkdir()
+    out = tmp_path / "eval_out"
+    line = _fails(["evaluate", "--models", f"dense={tmp_path / 'not_a_model'}", "--text-files", str(tiny_text),
+                   "--out", str(out)], capsys)
+    assert "folder without config.json" in line
+    assert not out.exists()
+    line = _fails(["export", "--model", "x", "--mask", str(tmp_path / "no_mask.json"), "--out", str(tmp_path / "e")],
+                  capsys)
+    assert "no_mask.json" in line and not (tmp_path / "e").exists()
+
+
+def test_predict_is_not_offered(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "predict" not in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict"], exit_on_error=True)
+    assert exit_info.value.code == 2
+
+
+def test_debug_mode_gives_the_traceback(search_args, monkeypatch):
+    monkeypatch.setenv("LIT_PRUNE_DEBUG", "1")
+    with pytest.raises(ValueError, match="ratio"):
+        main([*search_args, "--model.init_args.ratio=1.5"], exit_on_error=True)
+
+
+def test_known_third_party_noise_is_filtered_and_other_warnings_are_not(caplog):
+    from lit_prune._warnings import quiet_third_party
+
+    quiet_third_party()
+    with caplog.at_level(logging.INFO):
+        logging.getLogger("torchao").warning("Failed to load /x/_C_mxfp8.cpython-310-x86_64-linux-gnu.so: nope")
+        logging.getLogger("lightning.pytorch.utilities.rank_zero").info("💡 Tip: install our cloud")
+        logging.getLogger("torchao").warning("something else")
+    assert [r.getMessage() for r in caplog.records] == ["something else"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        quiet_third_party()
+        warnings.warn("Found 85 module(s) in eval mode at the start of training. This may ...", UserWarning)
+        warnings.warn("an unrelated warning", UserWarning)
+    assert [str(w.message) for w in caught] == ["an unrelated warning"]
+
+
+def test_only_folders_this_run_created_and_left_empty_are_removed(tmp_path):
+    from lit_prune.cli_errors import first_missing, remove_if_left_empty
+
+    (tmp_path / "runs").mkdir()
+    run = tmp_path / "runs" / "clp" / "version_0"
+    created = first_missing(run)
+    assert created == tmp_path / "runs" / "clp"
+    (run / "sub").mkdir(parents=True)
+    (run / "events.out.tfevents.1.host").write_bytes(b"x")
+    (run / "sub" / "events.out.tfevents.2.host").write_bytes(b"x")
+    (run / "config.yaml").write_text("a: 1")
+    remove_if_left_empty(run, created)
+    assert not (tmp_path / "runs" / "clp").exists() and (tmp_path / "runs").is_dir()  # runs/ was there before
+    run.mkdir(parents=True)
+    (run / "mask.json").write_text("{}")
+    remove_if_left_empty(run, created)
+    assert (run / "mask.json").is_file()  # a real output is kept
+    remove_if_left_empty(run, None)  # the folder existed before this run: never touched
+    assert run.is_dir()
