@@ -40,6 +40,10 @@ $PY -m lit_prune fit -c configs/clp_endpoint_smollm2.yaml --model.init_args.mask
   --trainer.max_steps="$RECOVERY_STEPS" --trainer.limit_val_batches=0 \
   --trainer.logger.init_args.save_dir="$RUNS" --trainer.logger.init_args.version=demo 2>&1 | quiet
 RECOVERED="$RUNS/clp_endpoint_smollm2/demo/pruned"
+# The paths the README and `evaluate --help` use: $OUT/mask.json and $OUT/pruned (a link into the run folder).
+cp "$MASK" "$OUT/mask.json"
+ln -sfn "runs/clp_endpoint_smollm2/demo/pruned" "$OUT/pruned"
+echo "mask: $OUT/mask.json  recovered model: $OUT/pruned -> $RECOVERED"
 
 step "6. recovered perplexity (the exported folder, loaded like any HF checkpoint)"
 $PY -m lit_prune validate -c configs/eval_smollm2.yaml --model.init_args.pretrained="$RECOVERED" \
