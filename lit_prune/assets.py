@@ -36,6 +36,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from lit_prune.io import make_readable
+
 PREFIX = "offline:"
 SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -193,6 +195,7 @@ def convert_gguf(gguf_file: str | Path, target: str | Path, name_or_path: str | 
         if target.exists():  # another process finished first
             shutil.rmtree(tmp)
         else:
+            make_readable(tmp)  # mkdtemp folders are owner-only
             os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -241,6 +244,7 @@ def corpus_folder() -> Path:
                     (out / "shakespeare" / path.name).write_text(text)
         if target.exists():
             shutil.rmtree(target)
+        make_readable(out)
         os.replace(out, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

