@@ -17,9 +17,12 @@ from pathlib import Path
 
 import torch
 from jsonargparse import ArgumentError
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from lit_prune._warnings import quiet_third_party
+from lit_prune.callbacks.progress import step_progress_bar
 from lit_prune.cli_errors import (
     INPUT_ERRORS,
     debug,
@@ -47,6 +50,13 @@ class LitPruneCLI(LightningCLI):
         commands = dict(LightningCLI.subcommands())
         commands.pop("predict", None)
         return commands
+
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
+        # The fit bar counts steps against max_steps (Lightning's reads "Epoch 0/-2" in step-based runs).
+        given = [*callbacks, *(config.get("callbacks") or [])]
+        if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in given):
+            callbacks = [*callbacks, step_progress_bar()]
+        return super()._instantiate_trainer(config, callbacks)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         try:
