@@ -2,7 +2,8 @@ r"""Frozen copy of ``lit_prune/components/scorers.py`` before the replaying fast
 
 Every mask is gated (a removed layer is computed, then multiplied by 0), every window re-runs its prefix, and the
 teacher is a float32 CPU copy moved to the device per window. Tests compare the library against it: identical masks,
-values within 1e-4. Do not edit except to follow renamed imports.
+values within 1e-4. Do not edit except to follow renamed imports. The helpers and the
+hidden-state scorers (block influence, angular) were not changed by the rewrite: they are imported, not copied.
 
 Training-free baselines that choose which decoder layers to drop from a few calibration batches.
 
@@ -38,205 +39,31 @@ they open its gates so that the dense model is scored.
 
 from __future__ import annotations
 
-import inspect
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, field
-from functools import partial
-from typing import Any, Literal
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_prune.components.gating import LayerGating
-from lit_prune.components.layers import decoder_layers, unwrap
-
-Direction = Literal["forward", "reverse"]
-
-
-@dataclass
-class LayerSelection:
-    """Which layers a baseline chose to drop, and why.
-
-    Args:
-        drop: Sorted 0-based indices of the layers to remove.
-        scores: Per-layer importance, one value per layer (higher = more important = kept), or None where a
-            per-layer score makes no sense (window methods, tail, random).
-        method: Name of the selector (a key of :data:`SCORERS`).
-        details: Method-specific diagnostics, e.g. the KL of every window.
-    """
-
-    drop: list[int]
-    scores: list[float] | None
-    method: str
-    details: dict[str, Any] = field(default_factory=dict)
-
-    def keep_mask(self, num_layers: int) -> list[bool]:
-        """One bool per layer, True = keep (the input of ``LayerGating.set_mask``)."""
-        dropped = set(self.drop)
-        return [i not in dropped for i in range(num_layers)]
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Validation and shared plumbing
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def candidate_layers(num_layers: int, num_drop: int, protect_first: int = 0, protect_last: int = 0) -> list[int]:
-    """Validate a drop budget against the protected layers; return the layers that may be dropped.
-
-    Args:
-        num_layers: Decoder layers of the model.
-        num_drop: How many layers to drop.
-        protect_first: Leading layers that are never dropped.
-        protect_last: Trailing layers that are never dropped.
-
-    Raises:
-        ValueError: Naming the offending argument, its value and the allowed range.
-    """
-    for name, value in (("protect_first", protect_first), ("protect_last", protect_last)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"`{name}` must be an integer >= 0, got {value!r}.")
-    candidates = list(range(protect_first, num_layers - protect_last))
-    # At least one layer must remain, even with no protection.
-    max_drop = min(len(candidates), num_layers - 1)
-    if max_drop < 1:
-        raise ValueError(
-            f"`protect_first`={protect_first} and `protect_last`={protect_last} leave no droppable layer among the "
-            f"{num_layers} decoder layers. Protect fewer layers."
-        )
-    if isinstance(num_drop, bool) or not isinstance(num_drop, int) or not 1 <= num_drop <= max_drop:
-        raise ValueError(
-            f"`num_drop` must be an integer in [1, {max_drop}] for {num_layers} decoder layers with "
-            f"protect_first={protect_first} and protect_last={protect_last}, got {num_drop!r}."
-        )
-    return candidates
-
-
-def _window_starts(num_layers: int, num_drop: int, protect_first: int, protect_last: int) -> list[int]:
-    candidates = candidate_layers(num_layers, num_drop, protect_first, protect_last)
-    return list(range(candidates[0], candidates[-1] - num_drop + 2))
-
-
-def _check_batches(batches: Sequence[Tensor], min_seq: int = 1) -> list[Tensor]:
-    batches = list(batches)
-    if not batches:
-        raise ValueError("`batches` is empty; pass at least one [batch, seq] tensor of input_ids.")
-    for i, batch in enumerate(batches):
-        if not torch.is_tensor(batch) or batch.dim() != 2 or batch.is_floating_point() or batch.dtype == torch.bool:
-            shape = tuple(batch.shape) if torch.is_tensor(batch) else type(batch).__name__
-            raise ValueError(f"`batches[{i}]` must be a 2-D integer tensor of input_ids [batch, seq], got {shape}.")
-        if batch.shape[1] < min_seq:
-            raise ValueError(f"`batches[{i}]` has {batch.shape[1]} tokens per row; this method needs >= {min_seq}.")
-    return batches
-
-
-def _check_gating(model: nn.Module, gating: LayerGating) -> None:
-    num_layers = len(decoder_layers(model))
-    if gating.num_layers != num_layers:
-        raise ValueError(
-            f"`gating` has {gating.num_layers} gates but the model has {num_layers} decoder layers; "
-            "build it with LayerGating(model) on this model."
-        )
-
-
-def _check_direction(direction: str) -> None:
-    if direction not in ("forward", "reverse"):
-        raise ValueError(f"`direction` must be 'forward' or 'reverse', got {direction!r}.")
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    # With a device map the embedding (first parameter) is where input_ids must go.
-    return next(model.parameters()).device
-
-
-@contextmanager
-def _scoring(model: nn.Module, gating: LayerGating | None = None) -> Iterator[None]:
-    """no_grad + eval mode + gate values, all restored on exit (also on error)."""
-    modes = [(module, module.training) for module in model.modules()]
-    saved_gates = gating.values if gating is not None else None
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        # Per module, so a model that was partly in train mode comes back exactly as it was.
-        for module, mode in modes:
-            module.training = mode
-        if gating is not None:
-            gating.set(saved_gates)
-
-
-def _logits(model: nn.Module, input_ids: Tensor) -> Tensor:
-    return model(input_ids=input_ids.to(_model_device(model)), use_cache=False).logits
-
-
-def _run_for_hidden_states(model: nn.Module, input_ids: Tensor) -> None:
-    kwargs: dict[str, Any] = {"use_cache": False}
-    # Only the hooks matter here; skip the [batch, seq, vocab] LM-head output where the model allows it.
-    if "logits_to_keep" in inspect.signature(unwrap(model).forward).parameters:
-        kwargs["logits_to_keep"] = 1
-    model(input_ids=input_ids.to(_model_device(model)), **kwargs)
-
-
-@contextmanager
-def _layer_io(model: nn.Module, on_layer: Callable[[int, Tensor, Tensor], None]) -> Iterator[None]:
-    """Call ``on_layer(index, layer_input, layer_output)`` for every decoder layer in every forward pass."""
-
-    def hook(index: int, module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
-        hidden_in = args[0] if args else kwargs["hidden_states"]
-        hidden_out = output[0] if isinstance(output, tuple) else output
-        on_layer(index, hidden_in, hidden_out)
-        # Returning None leaves the layer output untouched.
-
-    handles = [
-        layer.register_forward_hook(partial(hook, index), with_kwargs=True)
-        for index, layer in enumerate(decoder_layers(model))
-    ]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _opened(gating: LayerGating | None) -> AbstractContextManager:
-    return gating.opened() if gating is not None else nullcontext()
-
-
-def _lowest(scores: Sequence[float], candidates: Sequence[int], num_drop: int) -> list[int]:
-    # Ties go to the earlier layer, so the result is deterministic.
-    ranked = sorted(candidates, key=lambda layer: (scores[layer], layer))
-    return sorted(ranked[:num_drop])
-
-
-def _cosine(a: Tensor, b: Tensor) -> Tensor:
-    return F.cosine_similarity(a.flatten(0, -2).float(), b.flatten(0, -2).float(), dim=-1)
-
-
-def angular_distance(a: Tensor, b: Tensor) -> Tensor:
-    """Per-token ``arccos(cos(a, b)) / pi`` in [0, 1], over the last dimension.
-
-    Computed as ``2 * atan2(|u - v|, |u + v|)`` of the unit vectors, which equals the arccos form but stays exact
-    near 0 (arccos of a cosine rounded to 1 - 6e-8 would already read 3e-4 rad).
-
-    Args:
-        a: Hidden states ``[..., hidden]``.
-        b: Hidden states of the same shape.
-
-    Returns:
-        ``[tokens]`` float32 distances, the leading dimensions flattened.
-    """
-    u = F.normalize(a.flatten(0, -2).float(), dim=-1)
-    v = F.normalize(b.flatten(0, -2).float(), dim=-1)
-    return 2 * torch.atan2((u - v).norm(dim=-1), (u + v).norm(dim=-1)) / math.pi
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Output KL (the search objective) and the KL-based selectors
-# ---------------------------------------------------------------------------------------------------------------------
+from lit_prune.components.layers import decoder_layers
+from lit_prune.components.losses import Direction
+from lit_prune.components.scorers import (  # unchanged by the rewrite: shared, not copied
+    LayerSelection,
+    _check_batches,
+    _check_direction,
+    _check_gating,
+    _logits,
+    _lowest,
+    _scoring,
+    _window_starts,
+    angular_distance_window,
+    block_influence,
+    candidate_layers,
+    drop_tail,
+    random_layers,
+)
 
 
 def teacher_logits_for(model: nn.Module, gating: LayerGating, batches: Sequence[Tensor]) -> list[Tensor]:
@@ -428,111 +255,6 @@ def kl_importance_selection(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def block_influence(
-    model: nn.Module,
-    batches: Sequence[Tensor],
-    num_drop: int,
-    protect_first: int = 0,
-    protect_last: int = 0,
-    gating: LayerGating | None = None,
-) -> LayerSelection:
-    """ShortGPT: drop the layers that change their hidden state least.
-
-    ``BI_l = 1 - mean_t cos(h_l, h_{l+1})`` with ``h_l`` / ``h_{l+1}`` the raw input / output of layer ``l``
-    (hooks, see the module docstring), averaged over every token of every batch.
-
-    Args:
-        model: A causal LM of a supported architecture.
-        batches: Calibration input_ids, each ``[batch, seq]``.
-        num_drop: How many layers to drop (the lowest BI, not necessarily contiguous).
-        protect_first: Leading layers that are never dropped.
-        protect_last: Trailing layers that are never dropped.
-        gating: Gating hooks attached to the model, if any; they are opened so the dense model is scored.
-
-    Returns:
-        The selection, with ``scores`` = BI per layer.
-    """
-    layers = decoder_layers(model)
-    candidates = candidate_layers(len(layers), num_drop, protect_first, protect_last)
-    batches = _check_batches(batches)
-    totals: list[Tensor | float] = [0.0] * len(layers)
-    tokens = 0
-
-    def on_layer(index: int, hidden_in: Tensor, hidden_out: Tensor) -> None:
-        totals[index] = totals[index] + (1 - _cosine(hidden_in, hidden_out)).double().sum()
-
-    with _scoring(model, gating), _opened(gating), _layer_io(model, on_layer):
-        for ids in batches:
-            _run_for_hidden_states(model, ids)
-            tokens += ids.numel()
-    scores = [float(total) / tokens for total in totals]
-    return LayerSelection(
-        drop=_lowest(scores, candidates, num_drop),
-        scores=scores,
-        method="block_influence",
-        details={"num_tokens": tokens},
-    )
-
-
-def angular_distance_window(
-    model: nn.Module,
-    batches: Sequence[Tensor],
-    num_drop: int,
-    protect_first: int = 0,
-    protect_last: int = 0,
-    gating: LayerGating | None = None,
-) -> LayerSelection:
-    """Gromov et al.: drop the contiguous window whose input and output are closest in angle.
-
-    For window ``[s, s+n)``: ``d(s) = mean_t arccos(cos(x_s, y_{s+n-1})) / pi`` where ``x_s`` is the raw input of
-    layer ``s`` and ``y_{s+n-1}`` the raw output of layer ``s+n-1`` (``hidden_states[s]`` and ``hidden_states[s+n]``
-    without the final norm HF applies to the last entry). Only the inputs of the last ``n`` layers are held at a time.
-
-    Args:
-        model: A causal LM of a supported architecture.
-        batches: Calibration input_ids, each ``[batch, seq]``.
-        num_drop: Window width ``n``.
-        protect_first: Leading layers that are never dropped.
-        protect_last: Trailing layers that are never dropped.
-        gating: Gating hooks attached to the model, if any; they are opened so the dense model is scored.
-
-    Returns:
-        The window of smallest distance; ``details["window_distance"]`` maps every start to its distance.
-    """
-    num_layers = len(decoder_layers(model))
-    starts = _window_starts(num_layers, num_drop, protect_first, protect_last)
-    batches = _check_batches(batches)
-    totals: dict[int, Tensor | float] = {start: 0.0 for start in starts}
-    window_inputs: dict[int, Tensor] = {}
-    tokens = 0
-
-    def on_layer(index: int, hidden_in: Tensor, hidden_out: Tensor) -> None:
-        if index in totals:
-            window_inputs[index] = hidden_in
-        start = index - num_drop + 1  # the window that ends at this layer
-        if start in window_inputs:
-            # Popped: no later window starts at `start`, and this frees the activation early.
-            totals[start] = totals[start] + angular_distance(window_inputs.pop(start), hidden_out).double().sum()
-
-    with _scoring(model, gating), _opened(gating), _layer_io(model, on_layer):
-        for ids in batches:
-            _run_for_hidden_states(model, ids)
-            tokens += ids.numel()
-    distance = {start: float(total) / tokens for start, total in totals.items()}
-    best = min(starts, key=lambda s: (distance[s], s))
-    return LayerSelection(
-        drop=list(range(best, best + num_drop)),
-        scores=None,
-        method="angular",
-        details={"window_distance": distance, "best_distance": distance[best]},
-    )
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# SLEB (progressive perplexity)
-# ---------------------------------------------------------------------------------------------------------------------
-
-
 def calibration_ppl(model: nn.Module, batches: Sequence[Tensor]) -> float:
     """Perplexity of next-token prediction over every token of every batch, in the model's current (gated) state.
 
@@ -615,47 +337,6 @@ def sleb(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def drop_tail(num_layers: int, num_drop: int, protect_last: int = 1, protect_first: int = 0) -> LayerSelection:
-    """Reverse-order baseline: the ``num_drop`` layers right before the ``protect_last`` final layer(s).
-
-    Args:
-        num_layers: Decoder layers of the model.
-        num_drop: How many layers to drop.
-        protect_last: Final layers kept (1 by default: the last layer writes the output distribution).
-        protect_first: Leading layers that are never dropped.
-    """
-    candidate_layers(num_layers, num_drop, protect_first, protect_last)
-    end = num_layers - protect_last
-    return LayerSelection(
-        drop=list(range(end - num_drop, end)), scores=None, method="tail", details={"protect_last": protect_last}
-    )
-
-
-def random_layers(
-    num_layers: int, num_drop: int, seed: int = 0, protect_first: int = 0, protect_last: int = 0
-) -> LayerSelection:
-    """Uniformly random unprotected layers; the same seed always gives the same layers.
-
-    Args:
-        num_layers: Decoder layers of the model.
-        num_drop: How many layers to drop.
-        seed: Seed of a private generator (the global RNG is untouched).
-        protect_first: Leading layers that are never dropped.
-        protect_last: Trailing layers that are never dropped.
-    """
-    candidates = candidate_layers(num_layers, num_drop, protect_first, protect_last)
-    generator = torch.Generator().manual_seed(seed)
-    picks = torch.randperm(len(candidates), generator=generator)[:num_drop].tolist()
-    return LayerSelection(
-        drop=sorted(candidates[i] for i in picks), scores=None, method="random", details={"seed": seed}
-    )
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Uniform interface
-# ---------------------------------------------------------------------------------------------------------------------
-
-# (model, gating, batches, num_drop, protect_first, protect_last, seed) -> LayerSelection
 Scorer = Callable[[nn.Module, LayerGating, Sequence[Tensor], int, int, int, int], LayerSelection]
 
 
