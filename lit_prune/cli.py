@@ -12,14 +12,16 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
 import torch
 from jsonargparse import ArgumentError
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 from lit_prune._warnings import quiet_third_party
 from lit_prune.callbacks.progress import step_progress_bar
@@ -56,14 +58,17 @@ class LitPruneCLI(LightningCLI):
         given = [*callbacks, *(config.get("callbacks") or [])]
         if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in given):
             callbacks = [*callbacks, step_progress_bar()]
+        if self.subcommand == "fit":
+            callbacks = [*callbacks, ResumeHint(getattr(self, "_argv", []))]
         return super()._instantiate_trainer(config, callbacks)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        given = sys.argv[1:] if args is None else args
+        self._argv = [str(a) for a in given] if isinstance(given, (list, tuple)) else []
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as err:  # only raised when main() handles errors (exit_on_error=False)
-            argv = list(sys.argv[1:] if args is None else args)
-            raise CommandLineError(explain_parse_error(str(err), parser, argv)) from err
+            raise CommandLineError(explain_parse_error(str(err), parser, self._argv)) from err
 
     def _parse_ckpt_path(self) -> None:
         subcommand = self.config.get("subcommand")
@@ -85,6 +90,23 @@ class LitPruneCLI(LightningCLI):
             ckpt_path = self.config[self.subcommand].ckpt_path
             check_checkpoint_matches(ckpt_path, self._checkpoint, self.model)
 
+    def before_validate(self) -> None:
+        mask = getattr(self.model, "mask", None)
+        if mask is not None and hasattr(mask, "describe"):
+            how = "removed by surgery" if getattr(self.model, "mask_mode", "drop") == "drop" else "gated off"
+            print(f"mask {self.config[self.subcommand].model.init_args.mask}: {mask.describe()}; "
+                  f"layers {list(mask.drop)} {how}", flush=True)
+
+    before_test = before_validate
+
+    def after_validate(self) -> None:
+        logger = self.trainer.logger
+        if logger is not None and getattr(logger, "log_dir", None) and self.trainer.is_global_zero:
+            print(f"logs: {logger.log_dir}  (tensorboard --logdir {logger.save_dir})")
+
+    after_test = after_validate
+    after_fit = after_validate
+
     def _run_subcommand(self, subcommand: str) -> None:
         # A run that fails on its input leaves no version_N folder holding only an events file behind.
         logger = self.trainer.logger
@@ -96,6 +118,28 @@ class LitPruneCLI(LightningCLI):
             if self.trainer.is_global_zero:
                 remove_if_left_empty(log_dir, created)
             raise
+
+
+class ResumeHint(Callback):
+    """On Ctrl+C during fit: save a checkpoint of the step reached and print the command that resumes from it."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.argv = [a for a in argv if not a.startswith("--ckpt_path")]
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, KeyboardInterrupt):
+            return
+        step = f"step {trainer.global_step}" + (f" of {trainer.max_steps}" if trainer.max_steps > 0 else "")
+        checkpoint = trainer.checkpoint_callback
+        if checkpoint is None or trainer.global_step == 0:
+            why = "checkpointing is off (trainer.enable_checkpointing)" if checkpoint is None else "no step finished"
+            rank_zero_info(f"Interrupted at {step}; {why}, so there is nothing to resume from.")
+            return
+        folder = Path(checkpoint.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints")
+        path = folder / f"interrupted-step={trainer.global_step}.ckpt"
+        trainer.save_checkpoint(path)
+        command = " ".join(shlex.quote(a) for a in ["python", "-m", "lit_prune", *self.argv, f"--ckpt_path={path}"])
+        rank_zero_info(f"Interrupted at {step}; saved {path}\nResume with:\n  {command}")
 
 
 class CommandLineError(ValueError):

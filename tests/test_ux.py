@@ -4,6 +4,7 @@ The CLI runs in-process with ``exit_on_error=True`` (what the command line gets)
 """
 
 import logging
+import signal
 import warnings
 from pathlib import Path
 
@@ -206,3 +207,32 @@ def test_only_folders_this_run_created_and_left_empty_are_removed(tmp_path):
     assert (run / "mask.json").is_file()  # a real output is kept
     remove_if_left_empty(run, None)  # the folder existed before this run: never touched
     assert run.is_dir()
+
+
+def test_ctrl_c_during_fit_saves_a_checkpoint_and_prints_how_to_resume(tmp_path, caplog):
+    import lightning.pytorch as pl
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from lit_prune.cli import ResumeHint
+
+    class StopsAtStep3(BoringModel):
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 3:
+                raise KeyboardInterrupt
+            return super().training_step(batch, batch_idx)
+
+    argv = ["fit", "-c", "configs/clp_smollm2.yaml", "--ckpt_path=old.ckpt"]
+    trainer = pl.Trainer(max_steps=10, callbacks=[ResumeHint(argv)], default_root_dir=tmp_path, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with caplog.at_level(logging.INFO), pytest.raises(SystemExit):
+            trainer.fit(StopsAtStep3())
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores Ctrl+C after the first one
+    saved = tmp_path / "checkpoints" / "interrupted-step=3.ckpt"
+    assert torch.load(saved, weights_only=False)["global_step"] == 3
+    text = caplog.text
+    assert "Interrupted at step 3 of 10" in text
+    assert f"python -m lit_prune fit -c configs/clp_smollm2.yaml --ckpt_path={saved}" in text
+    assert "old.ckpt" not in text
