@@ -35,6 +35,7 @@ import argparse
 import json
 import math
 import re
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -595,6 +596,7 @@ def evaluate(
     resume: bool = False,
     plot: bool = True,
     bos_per_window: bool = False,
+    progress: Any = None,
 ) -> dict[str, Any]:
     """Evaluate every model on the same perplexity data and lm-eval tasks; optionally write results to ``out``.
 
@@ -721,13 +723,16 @@ def evaluate(
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(sources[ref][0]))
-    for name, model_id in models.items():
+    say = progress or (lambda message: None)  # e.g. print: one line per model load, perplexity and task
+    for index, (name, model_id) in enumerate(models.items(), 1):
         entry = results["models"].get(name)
         need_ppl = inputs is not None and (entry is None or entry.get("ppl") is None)
         need_tasks = [t for t in tasks if entry is None or t not in (entry.get("tasks") or {})]
         if entry is not None and not need_ppl and not need_tasks:
             continue
         source_id, method = sources[name]
+        where, started = f"[{index}/{len(models)}] {name}", time.perf_counter()
+        say(f"{where}: loading {model_id}")
         if quant[name] is None:
             model = load_causal_lm(source_id, dtype).to(device).eval()
         else:
@@ -745,18 +750,25 @@ def evaluate(
             }
             results["models"][name] = entry
         if need_ppl:
+            say(f"{where}: perplexity over {len(inputs)} windows")
             entry["ppl"] = perplexity(model, inputs, labels, batch_size)
+            say(f"{where}: ppl {entry['ppl']['ppl']:.3f} over {entry['ppl']['tokens']} tokens")
             save()
         if need_tasks:
             hflm = lm_eval.models.huggingface.HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-            for task in need_tasks:
+            for number, task in enumerate(need_tasks, 1):
+                say(f"{where}: task {task} ({number}/{len(need_tasks)})")
                 entry["tasks"][task], rows[name][task] = zero_shot_task(
                     lm_eval, hflm, task, task_manager, limit, num_fewshot, served.get(task)
                 )
+                value = entry["tasks"][task].get("value")
+                say(f"{where}: {task} {entry['tasks'][task].get('metric')} "
+                    f"{'-' if value is None else f'{value:.3f}'}")
                 if out_dir is not None:
                     write_text_atomically(rows_path(out_dir, name, task), json.dumps(rows[name][task]) + "\n")
                 save()
             del hflm
+        say(f"{where}: done in {time.perf_counter() - started:.1f} s")
         del model
         if str(device).startswith("cuda"):
             torch.cuda.empty_cache()  # many models in one run: hand the last one's memory back before the next
@@ -836,6 +848,7 @@ def evaluate_main(argv: list[str]) -> None:
         batch_size=args.batch_size, tasks=args.tasks, limit=args.limit, num_fewshot=args.num_fewshot,
         task_include_path=args.task_include_path, data_dir=args.data_dir, dtype=args.dtype, device=args.device,
         overwrite=args.overwrite, resume=args.resume, bos_per_window=args.bos_per_window,
+        progress=lambda message: print(message, file=sys.stderr, flush=True),
     )
     print((Path(args.out) / "results.md").read_text())
     print(f"wrote {Path(args.out) / 'results.json'} ({len(results['models'])} models)")

@@ -236,3 +236,14 @@ def test_ctrl_c_during_fit_saves_a_checkpoint_and_prints_how_to_resume(tmp_path,
     assert "Interrupted at step 3 of 10" in text
     assert f"python -m lit_prune fit -c configs/clp_smollm2.yaml --ckpt_path={saved}" in text
     assert "old.ckpt" not in text
+
+
+def test_evaluate_reports_progress_per_model(tiny_checkpoint, tiny_text):
+    from lit_prune.evaluate_models import evaluate
+
+    lines: list[str] = []
+    evaluate({"dense": str(tiny_checkpoint), "again": str(tiny_checkpoint)}, text_files=[str(tiny_text)],
+             max_length=32, dtype="float32", device="cpu", plot=False, progress=lines.append)
+    assert lines[0] == f"[1/2] dense: loading {tiny_checkpoint}"
+    assert any(line.startswith("[1/2] dense: ppl ") for line in lines)
+    assert lines[-1].startswith("[2/2] again: done in ")
