@@ -5,6 +5,10 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from lit_prune._warnings import quiet_third_party
+
+quiet_third_party()  # only torchao's import-time noise (it comes in with transformers); the load below is plain
+
 folder, prompt = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "The history of England"
 tokenizer = AutoTokenizer.from_pretrained(folder)
 model = AutoModelForCausalLM.from_pretrained(folder).eval()
