@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 import sys
 from pathlib import Path
@@ -31,6 +32,7 @@ from lit_prune.cli_errors import (
     exit_with,
     explain_parse_error,
     first_missing,
+    one_line_argparse_errors,
     remove_if_left_empty,
 )
 from lit_prune.data import PruneDataModule
@@ -280,7 +282,8 @@ def main(args: ArgsType = None, exit_on_error: bool | None = None) -> LitPruneCL
 
             commands = {"export": export_main, "assets": assets_main, "cache-teacher": cache_teacher_main,
                         "evaluate": evaluate_main, "quantize": quantize_main}
-            commands[argv[0]](argv[1:])
+            with one_line_argparse_errors() if handle else contextlib.nullcontext():
+                commands[argv[0]](argv[1:])
         except (*INPUT_ERRORS, RuntimeError) as err:
             remove_if_left_empty(out, created)  # a failed command leaves no empty --out folder
             # Input errors are the user's to fix: show the message, not a traceback.

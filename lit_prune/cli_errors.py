@@ -7,15 +7,17 @@ wrappers, suggests the closest key for a mistyped one, and removes run folders t
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import difflib
 import importlib
 import os
 import re
 import shutil
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 # Exceptions that mean "the input is wrong", not "the code is wrong": shown as one line.
 INPUT_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError,
@@ -89,6 +91,31 @@ def explain_parse_error(message: str, parser: Any, argv: list[str]) -> str:
                 f"{class_path.group(1)}`).{suggest(given, candidates)}")
     given = f"--{unknown}"
     return f"{given}: unknown option (see --help).{suggest(given, parser_keys(parser))}"
+
+
+def explain_argparse_error(parser: Any, message: str) -> str:
+    """One line for an argparse error of the other commands (export, evaluate, ...), with the closest option."""
+    hint = ""
+    if "unrecognized arguments:" in message:
+        options = [s for a in parser._actions for s in a.option_strings if s.startswith("--")]
+        unknown = [w.split("=")[0] for w in message.split(":", 1)[1].split() if w.startswith("--")]
+        hint = "".join(suggest(u, options) for u in unknown[:1])
+    return f"{message}.{hint} `{parser.prog} --help` lists the options."
+
+
+@contextlib.contextmanager
+def one_line_argparse_errors() -> Iterator[None]:
+    """Make argparse raise a ``ValueError`` (shown as one ``error:`` line) instead of printing its usage and exiting."""
+    original = argparse.ArgumentParser.error
+
+    def error(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+        raise ValueError(explain_argparse_error(parser, message))
+
+    argparse.ArgumentParser.error = error  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser.error = original  # type: ignore[method-assign]
 
 
 def _only_startup_files(folder: Path) -> bool:

@@ -247,3 +247,11 @@ def test_evaluate_reports_progress_per_model(tiny_checkpoint, tiny_text):
     assert lines[0] == f"[1/2] dense: loading {tiny_checkpoint}"
     assert any(line.startswith("[1/2] dense: ppl ") for line in lines)
     assert lines[-1].startswith("[2/2] again: done in ")
+
+
+def test_usage_errors_of_the_other_commands_are_one_line_with_the_closest_option(tmp_path, capsys):
+    line = _fails(["export", "--model", "m", "--mask", "m.json", "--out", str(tmp_path / "o"), "--dtyp2", "float32"],
+                  capsys)
+    assert "unrecognized arguments: --dtyp2" in line and "Did you mean --dtype?" in line
+    line = _fails(["evaluate", "--models", "dense=m"], capsys)
+    assert "required: --out" in line and "python -m lit_prune evaluate --help" in line
