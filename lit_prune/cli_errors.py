@@ -75,11 +75,36 @@ def suggest(unknown: str, candidates: Iterable[str]) -> str:
     return f" Did you mean {best[0]}?" if best else ""
 
 
+_PARSER_KEY = re.compile(r'Parser key "([^"]+)"')
+_EXPECTED = re.compile(r"^(?:- )?Expected a (.+?)(?:\. Got value: (.*))?$")
+
+
+def _type_error(message: str) -> str | None:
+    """``key: got V, expected ...`` for a value of the wrong type or outside a Literal, else None."""
+    keys = _PARSER_KEY.findall(message)
+    expected, value = [], None
+    for line in message.splitlines():
+        found = _EXPECTED.match(line.strip())
+        if found and "NoneType" not in found.group(1):
+            what = found.group(1).replace("typing.Literal", "one of ")
+            expected.append(what.replace("<class '", "").replace("'>", ""))
+            value = found.group(2) if found.group(2) is not None else value
+    if not keys or not expected:
+        return None
+    key = f"{keys[0]}.init_args.{keys[-1]}" if len(keys) > 1 and _CLASS_PATH.search(message) else keys[-1]
+    given = re.search(r"^\s*Given value: (.*)$", message, re.M)
+    value = value if value is not None else given.group(1) if given else "?"
+    return (f"`{key}`: got {value}, expected {' or '.join(expected)}. Fix it in the config or on the command line "
+            f"(--{key}=...).")
+
+
 def explain_parse_error(message: str, parser: Any, argv: list[str]) -> str:
     """One line for a jsonargparse parse error; a mistyped key gets the closest accepted key."""
     found = _UNKNOWN_OPTION.search(message)
     if not found:
-        return one_line(message)
+        if any(line.strip().lstrip("- ").startswith("`") for line in message.splitlines()):
+            return one_line(message)  # our own check's message
+        return _type_error(message) or one_line(message)
     unknown = next(g for g in found.groups() if g).split("=")[0].lstrip("-")
     class_path = _CLASS_PATH.search(message)
     if class_path:

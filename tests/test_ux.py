@@ -255,3 +255,13 @@ def test_usage_errors_of_the_other_commands_are_one_line_with_the_closest_option
     assert "unrecognized arguments: --dtyp2" in line and "Did you mean --dtype?" in line
     line = _fails(["evaluate", "--models", "dense=m"], capsys)
     assert "required: --out" in line and "python -m lit_prune evaluate --help" in line
+
+
+@pytest.mark.parametrize(("bad", "expected"), [
+    ("--model.init_args.mask_mode=cut",
+     "error: `model.init_args.mask_mode`: got cut, expected one of ['drop', 'gate']"),
+    ("--data.batch_size=abc", "error: `data.batch_size`: got abc, expected int"),
+])
+def test_a_value_of_the_wrong_type_names_its_key(tiny_checkpoint, tiny_text, tmp_path, bad, expected, capsys):
+    line = _fails([*_validate_args(tiny_checkpoint, tiny_text, tmp_path), bad], capsys)
+    assert line.startswith(expected)
