@@ -302,6 +302,8 @@ def main(args: ArgsType = None, exit_on_error: bool | None = None) -> LitPruneCL
             save_config_kwargs={"overwrite": True},
             parser_kwargs={
                 **({"exit_on_error": False} if handle else {}),
+                # `python -m lit_prune`, not `__main__.py`, in usage lines (the lit-prune entry point keeps its name)
+                **({"prog": "python -m lit_prune"} if sys.argv[0].endswith("__main__.py") else {}),
                 "epilog": "Other commands: `python -m lit_prune export --help`, `python -m lit_prune evaluate --help`, "
                 "`python -m lit_prune cache-teacher --help`, `python -m lit_prune quantize --help`, "
                 "`python -m lit_prune assets`."
