@@ -3,6 +3,7 @@
 The CLI runs in-process with ``exit_on_error=True`` (what the command line gets); tiny random models only.
 """
 
+import json
 import logging
 import signal
 import warnings
@@ -265,3 +266,14 @@ def test_usage_errors_of_the_other_commands_are_one_line_with_the_closest_option
 def test_a_value_of_the_wrong_type_names_its_key(tiny_checkpoint, tiny_text, tmp_path, bad, expected, capsys):
     line = _fails([*_validate_args(tiny_checkpoint, tiny_text, tmp_path), bad], capsys)
     assert line.startswith(expected)
+
+
+def test_validate_with_a_mask_says_what_it_drops_and_where_the_logs_are(tiny_checkpoint, tiny_text, tmp_path, capsys):
+    mask = tmp_path / "mask.json"
+    mask.write_text(json.dumps({"model": str(tiny_checkpoint), "num_layers": 6, "drop": [2, 3]}))
+    main([*_validate_args(tiny_checkpoint, tiny_text, tmp_path), f"--model.init_args.mask={mask}",
+          "--model.init_args.dtype=float32", "--trainer.limit_val_batches=1"], exit_on_error=True)
+    out = capsys.readouterr().out
+    assert f"mask {mask}: manual: drop 2/6 layers, segments [2, 4)" in out and "layers [2, 3] removed by surgery" in out
+    log_dir = tmp_path / "runs" / "smollm2" / "version_0"
+    assert f"logs: {log_dir}" in out and log_dir.is_dir()
