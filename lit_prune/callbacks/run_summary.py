@@ -36,7 +36,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lit_prune.callbacks.step_schedule import StepSchedule
@@ -174,7 +174,8 @@ class RunSummary(L.Callback):
             return
         batches = _validation_batches(trainer, pl_module)
         if not batches:
-            rank_zero_warn("`RunSummary(reference='window_scan')`: the run has no validation batches; no reference.")
+            # A run without validation (limit_val_batches: 0, as the demo does) chose this: one info line, no warning.
+            rank_zero_info("RunSummary: no validation batches in this run, so no window-scan reference line in val/kl.")
             return
         self.reference_values = window_scan_reference(pl_module, batches)
         if trainer.is_global_zero:
