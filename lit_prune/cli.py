@@ -88,7 +88,7 @@ class LitPruneCLI(LightningCLI):
         if self.subcommand in ("validate", "test") and held_out == 0:
             raise ValueError(f"`data.val_fraction` is 0, so `{self.subcommand}` has no held-out blocks to score. Set "
                              "it in (0, 1), e.g. --data.val_fraction=0.1 (the last 10% of the text).")
-        if self._checkpoint is not None:
+        if getattr(self, "_checkpoint", None) is not None:
             ckpt_path = self.config[self.subcommand].ckpt_path
             check_checkpoint_matches(ckpt_path, self._checkpoint, self.model)
 
@@ -126,7 +126,12 @@ class ResumeHint(Callback):
     """On Ctrl+C during fit: save a checkpoint of the step reached and print the command that resumes from it."""
 
     def __init__(self, argv: list[str]) -> None:
-        self.argv = [a for a in argv if not a.startswith("--ckpt_path")]
+        self.argv = []  # the command without its old --ckpt_path (as `--ckpt_path=P` or `--ckpt_path P`)
+        skip = False
+        for arg in argv:
+            if not skip and not arg.startswith("--ckpt_path"):
+                self.argv.append(arg)
+            skip = arg == "--ckpt_path"
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, KeyboardInterrupt):

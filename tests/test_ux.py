@@ -222,7 +222,7 @@ def test_ctrl_c_during_fit_saves_a_checkpoint_and_prints_how_to_resume(tmp_path,
                 raise KeyboardInterrupt
             return super().training_step(batch, batch_idx)
 
-    argv = ["fit", "-c", "configs/clp_smollm2.yaml", "--ckpt_path=old.ckpt"]
+    argv = ["fit", "-c", "configs/clp_smollm2.yaml", "--ckpt_path=old.ckpt", "--ckpt_path", "older.ckpt"]
     trainer = pl.Trainer(max_steps=10, callbacks=[ResumeHint(argv)], default_root_dir=tmp_path, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
     handler = signal.getsignal(signal.SIGINT)
@@ -236,7 +236,7 @@ def test_ctrl_c_during_fit_saves_a_checkpoint_and_prints_how_to_resume(tmp_path,
     text = caplog.text
     assert "Interrupted at step 3 of 10" in text
     assert f"python -m lit_prune fit -c configs/clp_smollm2.yaml --ckpt_path={saved}" in text
-    assert "old.ckpt" not in text
+    assert "old.ckpt" not in text and "older.ckpt" not in text
 
 
 def test_evaluate_reports_progress_per_model(tiny_checkpoint, tiny_text):
