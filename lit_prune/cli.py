@@ -34,6 +34,7 @@ from lit_prune.cli_errors import (
     first_missing,
     one_line_argparse_errors,
     remove_if_left_empty,
+    suggest,
 )
 from lit_prune.data import PruneDataModule
 from lit_prune.stages import PruneStage
@@ -278,6 +279,9 @@ def main(args: ArgsType = None, exit_on_error: bool | None = None) -> LitPruneCL
     quiet_third_party()  # before any model loads: torchao comes in with transformers' quantizers
     argv = list(sys.argv[1:] if args is None else args)
     handle = (args is None if exit_on_error is None else exit_on_error) and not debug()
+    commands = (*LitPruneCLI.subcommands(), *EXTRA_COMMANDS)
+    if handle and argv and not argv[0].startswith("-") and argv[0] not in commands:
+        exit_with(f"{argv[0]!r} is not a command. Commands: {', '.join(commands)}.{suggest(argv[0], commands)}")
     if argv and argv[0] in EXTRA_COMMANDS:
         out = option_value(argv, "--out")
         created = first_missing(out)

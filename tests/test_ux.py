@@ -161,9 +161,8 @@ def test_predict_is_not_offered(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "predict" not in capsys.readouterr().out
-    with pytest.raises(SystemExit) as exit_info:
-        main(["predict"], exit_on_error=True)
-    assert exit_info.value.code == 2
+    assert "'predict' is not a command" in _fails(["predict"], capsys)
+    assert _fails(["exprot", "--model", "m"], capsys).endswith("Did you mean export?")
 
 
 def test_debug_mode_gives_the_traceback(search_args, monkeypatch):
