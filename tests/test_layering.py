@@ -25,8 +25,9 @@ MODULES = {
 STAGE_MODULES = {f"lit_prune.stages.{name}" for name in
                  ("baseline", "distill", "endpoint_lora", "mask_search", "perplexity")}
 UPPER_LAYERS = ("lightning", "pytorch_lightning", "lit_prune.stages", "lit_prune.callbacks", "lit_prune.cli",
-                "lit_prune.__main__", "lit_prune.teacher_cache_cli", "lit_prune.evaluate_models", "lit_prune.loggers",
-                "lit_prune.data", "lit_prune.reports", "lit_prune.tasks")
+                "lit_prune.__main__", "lit_prune.cli_errors", "lit_prune.teacher_cache_cli",
+                "lit_prune.evaluate_models", "lit_prune.loggers", "lit_prune.data", "lit_prune.reports",
+                "lit_prune.tasks")
 
 
 def imports(module: str, top_level_only: bool = False) -> set[str]:
