@@ -136,7 +136,9 @@ def test_shipped_fsdp_configs_pass_the_strategy_checks(config, tmp_path):
     from tiny import char_tokenizer, tiny_model
 
     raw = yaml.safe_load(config.read_text())
-    model_type = "qwen3" if "qwen3" in config.stem else "llama"
+    from test_configs import TINY_MODEL_TYPES
+
+    model_type = TINY_MODEL_TYPES.get(config.stem, "qwen3" if "qwen3" in config.stem else "llama")
     checkpoint = tmp_path / model_type
     char_tokenizer().save_pretrained(checkpoint)
     tiny_model(model_type).save_pretrained(checkpoint)
