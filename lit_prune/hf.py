@@ -15,10 +15,12 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from lit_prune._warnings import quiet_import_noise
 from lit_prune.assets import resolve_pretrained
 from lit_prune.components.layers import check_supported, router_outputs_off
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+quiet_import_noise()  # transformers imports torchao (when installed) on the first load: its kernel-loading lines
 LOADABLE_HINT = "Pass a hub id, a local folder with config.json, or offline:smollm2-135m."
 
 
