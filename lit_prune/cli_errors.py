@@ -30,7 +30,8 @@ _NOISE_LINES = re.compile(
     r"Not a valid subclass of|Subclass types expect one of:|Validation failed: .*$)"
 )
 _UNKNOWN_OPTION = re.compile(r"Option '([^']+)' is not accepted|Key '([^']+)' is not expected|"
-                             r"[Uu]nrecognized arguments: (\S+)|No action for key \"([^\"]+)\"")
+                             r"[Uu]nrecognized arguments: (\S+)|No action for key \"([^\"]+)\"|"
+                             r"does not accept option '([^']+)'")
 _CLASS_PATH = re.compile(r"Problem with given class_path '([^']+)'")
 
 
@@ -108,14 +109,22 @@ def explain_parse_error(message: str, parser: Any, argv: list[str]) -> str:
     unknown = next(g for g in found.groups() if g).split("=")[0].lstrip("-")
     class_path = _CLASS_PATH.search(message)
     if class_path:
-        # A key inside a class's init_args: find which group the user wrote it under on the command line.
-        given = next((a.split("=")[0] for a in argv if a.split("=")[0].endswith(f".{unknown}")), f"--{unknown}")
-        prefix = given[: -len(unknown)]
+        # A key inside a class's init_args, from the command line (--model.init_args.x) or a config file.
+        given = next((a.split("=")[0] for a in argv if a.split("=")[0].endswith(f".{unknown}")), None)
+        groups = _PARSER_KEY.findall(message)
+        group = groups[0] if groups else "model"
+        key = given or f"{group}.init_args.{unknown}"
+        prefix = key[: -len(unknown)]
         candidates = [prefix + name for name in _class_parameters(class_path.group(1))]
-        return (f"{given}: not an option of {class_path.group(1)} (see `--{prefix.strip('-').split('.')[0]}.help "
-                f"{class_path.group(1)}`).{suggest(given, candidates)}")
-    given = f"--{unknown}"
-    return f"{given}: unknown option (see --help).{suggest(given, parser_keys(parser))}"
+        shown = key if given else f"`{key}`"
+        return (f"{shown}: not an option of {class_path.group(1)} (`--{group}.help {class_path.group(1)}` lists "
+                f"them).{suggest(key, candidates)}")
+    if any(a.split("=")[0] == f"--{unknown}" for a in argv):
+        given = f"--{unknown}"
+        return f"{given}: unknown option (see --help).{suggest(given, parser_keys(parser))}"
+    # From a config file: the same key without the dashes.
+    keys = [k[2:] for k in parser_keys(parser)]
+    return f"`{unknown}` (in the config): unknown option (see --help).{suggest(unknown, keys)}"
 
 
 def explain_argparse_error(parser: Any, message: str) -> str:

@@ -276,3 +276,19 @@ def test_validate_with_a_mask_says_what_it_drops_and_where_the_logs_are(tiny_che
     assert f"mask {mask}: manual: drop 2/6 layers, segments [2, 4)" in out and "layers [2, 3] removed by surgery" in out
     log_dir = tmp_path / "runs" / "smollm2" / "version_0"
     assert f"logs: {log_dir}" in out and log_dir.is_dir()
+
+
+@pytest.mark.parametrize(("typo", "expected"), [
+    (("    ratio: 0.25 ", "    ratoi: 0.25 "),
+     "error: `model.init_args.ratoi`: not an option of lit_prune.MaskSearch"),
+    (("  max_steps: 60", "  max_stpes: 60"), "error: `trainer.max_stpes` (in the config): unknown option"),
+])
+def test_a_mistyped_key_in_a_config_file_gets_the_closest_key(search_args, tmp_path, typo, expected, capsys):
+    config = tmp_path / "typo.yaml"
+    text = (CONFIGS / "clp_smollm2.yaml").read_text()
+    assert typo[0] in text
+    config.write_text(text.replace(typo[0], typo[1]))
+    line = _fails([*search_args[:2], str(config), *search_args[3:]], capsys)
+    suggestion = {"ratoi": "model.init_args.ratio", "max_stpes": "trainer.max_steps"}
+    assert line.startswith(expected)
+    assert line.endswith(f"Did you mean {next(v for k, v in suggestion.items() if k in typo[1])}?")
