@@ -33,6 +33,7 @@ _UNKNOWN_OPTION = re.compile(r"Option '([^']+)' is not accepted|Key '([^']+)' is
                              r"[Uu]nrecognized arguments: (\S+)|No action for key \"([^\"]+)\"|"
                              r"does not accept option '([^']+)'")
 _CLASS_PATH = re.compile(r"Problem with given class_path '([^']+)'")
+_NO_CLASS = re.compile(r"module '([\w.]+)' has no attribute '(\w+)'")
 
 
 def debug() -> bool:
@@ -101,6 +102,17 @@ def _type_error(message: str) -> str | None:
 
 def explain_parse_error(message: str, parser: Any, argv: list[str]) -> str:
     """One line for a jsonargparse parse error; a mistyped key gets the closest accepted key."""
+    missing = _NO_CLASS.search(message)
+    if missing:
+        module, name = missing.groups()
+        groups = _PARSER_KEY.findall(message)
+        where = (f"`{groups[0]}.init_args.{groups[-1]}`" if len(groups) > 1 else f"`{groups[0]}.class_path`"
+                 if groups else "A class_path")
+        try:
+            names = [f"{module}.{n}" for n in dir(importlib.import_module(module)) if not n.startswith("_")]
+        except Exception:  # the suggestion is a nicety
+            names = []
+        return f"{where}: there is no class {module}.{name}.{suggest(f'{module}.{name}', names)}"
     found = _UNKNOWN_OPTION.search(message)
     if not found:
         if any(line.strip().lstrip("- ").startswith("`") for line in message.splitlines()):

@@ -292,3 +292,13 @@ def test_a_mistyped_key_in_a_config_file_gets_the_closest_key(search_args, tmp_p
     suggestion = {"ratoi": "model.init_args.ratio", "max_stpes": "trainer.max_steps"}
     assert line.startswith(expected)
     assert line.endswith(f"Did you mean {next(v for k, v in suggestion.items() if k in typo[1])}?")
+
+
+@pytest.mark.parametrize(("bad", "expected"), [
+    ("--model.init_args.gate=lit_prune.ConcaveGat",
+     "error: `model.init_args.gate`: there is no class lit_prune.ConcaveGat. Did you mean lit_prune.ConcaveGate?"),
+    ("--model.class_path=lit_prune.MaskSerch",
+     "error: `model.class_path`: there is no class lit_prune.MaskSerch. Did you mean lit_prune.MaskSearch?"),
+])
+def test_a_mistyped_class_path_gets_the_closest_class(search_args, bad, expected, capsys):
+    assert _fails([*search_args, bad], capsys) == expected
