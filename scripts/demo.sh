@@ -13,7 +13,7 @@ RECOVERY_STEPS=${DEMO_RECOVERY_STEPS:-40}
 ACC_ROWS=${DEMO_ACC_ROWS:-200}
 RUNS="$OUT/runs"
 mkdir -p "$OUT"
-quiet() { grep -vE "it/s\]|examples/s\]|Tip:|LeafSpec|eval mode|^\s*$" || true; }
+quiet() { grep -vE "it/s\]|examples/s\]|^\s*$" || true; }  # progress bars only: warnings are filtered in lit_prune/_warnings.py
 step() { echo "== $* [${SECONDS}s]"; }  # elapsed seconds at the start of each step
 
 step "1. offline assets (converted once, then cached)"
