@@ -42,6 +42,9 @@ def read_config(
     if os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, "config.json")):
         raise error(f"`{key}`={pretrained!r} is a folder without config.json, so not a saved model (it holds "
                     f"{sorted(os.listdir(folder))[:4]}). {hint}")
+    if not os.path.exists(folder) and (folder.startswith((".", "/", "~")) or folder.count("/") > 1):
+        raise error(f"`{key}`={pretrained!r} is not a loadable model: there is no folder {os.path.abspath(folder)}, "
+                    f"and it is no hub id either. Check the path. {hint}")
     if not os.path.exists(folder) and _hub_unreachable(folder):
         raise error(f"`{key}`={pretrained!r} is not a local folder, not in the local Hugging Face cache, and the hub "
                     "cannot be reached from here. Set HF_HUB_OFFLINE=1 to use only the cache, copy the model into a "
@@ -49,7 +52,7 @@ def read_config(
     try:
         return AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as err:
-        raise error(f"`{key}`={pretrained!r} is not a loadable model: {err}. {hint}") from None
+        raise error(f"`{key}`={pretrained!r} is not a loadable model: {str(err).rstrip('.')}. {hint}") from None
 
 
 def _hub_unreachable(repo_id: str) -> bool:

@@ -302,3 +302,9 @@ def test_a_mistyped_key_in_a_config_file_gets_the_closest_key(search_args, tmp_p
 ])
 def test_a_mistyped_class_path_gets_the_closest_class(search_args, bad, expected, capsys):
     assert _fails([*search_args, bad], capsys) == expected
+
+
+def test_a_path_that_does_not_exist_is_named_as_a_path(tiny_checkpoint, tiny_text, tmp_path, capsys):
+    args = _validate_args(tiny_checkpoint, tiny_text, tmp_path)
+    line = _fails([*args, f"--model.init_args.pretrained={tmp_path / 'runs' / 'typo'}"], capsys)
+    assert f"there is no folder {tmp_path / 'runs' / 'typo'}" in line and "Repo id" not in line
