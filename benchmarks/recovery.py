@@ -88,7 +88,9 @@ def main() -> None:
         if name == "endpoint_lora":
             stage = EndpointLoRA(**common, loss="ce")
         else:
-            teacher = dict(teacher_cache=str(cache_dir)) if name.endswith("_cached") else dict(teacher=folder)
+            # `renormalized`: the E3 paper's top-K loss, which the recorded table used (v2 caches default to `tail`).
+            teacher = (dict(teacher_cache=str(cache_dir), cache_variant="renormalized") if name.endswith("_cached")
+                       else dict(teacher=folder))
             weighting = "none" if "plain" in name else "normalized"
             stage = Distill(**common, **teacher, weighting=weighting, train="lora", lora_layers="all")
         seconds = fit_seconds(stage, train, args.batch, args.steps)
