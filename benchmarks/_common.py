@@ -156,3 +156,48 @@ def write_json(path: str | None, payload: dict) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(payload, indent=1))
+
+
+def add_recovery_arguments(parser) -> None:
+    """The options every recovery benchmark shares: model, texts, mask, block size, batch, steps, held-out size, lr."""
+    parser.add_argument("--model", default="offline:smollm2-135m")
+    parser.add_argument("--text", nargs="+", default=["offline:britannica"])
+    parser.add_argument("--train-text", nargs="*", default=[])
+    parser.add_argument("--mask", required=True)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--val-blocks", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=5e-4)
+
+
+def recovery_baseline(args, device: str) -> dict:
+    """Blocks and the dense / plainly pruned held-out perplexities that every recovery row is compared with.
+
+    Training blocks: ``--text`` without its held-out tail, plus all of ``--train-text``, capped at
+    ``--max-train-blocks`` when the script has that option. Held-out: the first ``--val-blocks`` of ``--text``'s tail.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lit_prune.assets import resolve_pretrained, resolve_text_source
+    from lit_prune.components.mask_io import load_mask
+    from lit_prune.components.surgery import drop_layers
+
+    folder = resolve_pretrained(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    train, val = text_blocks(tokenizer, [f for n in args.text for f in resolve_text_source(n)], args.seq)
+    if args.train_text:
+        extra, _ = text_blocks(tokenizer, [f for n in args.train_text for f in resolve_text_source(n)], args.seq,
+                               val_fraction=0.0001)
+        train = torch.cat([train, extra])
+    if getattr(args, "max_train_blocks", None):
+        train = train[: args.max_train_blocks]
+    val = val[: args.val_blocks]
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device)
+    dense_ppl = perplexity(model, val, args.batch, device)
+    mask = load_mask(args.mask)
+    drop_layers(model, mask.drop)
+    pruned_ppl = perplexity(model, val, args.batch, device)
+    del model
+    return {"folder": folder, "mask": mask, "train": train, "val": val, "dense_ppl": dense_ppl,
+            "pruned_ppl": pruned_ppl}

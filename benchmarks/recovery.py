@@ -21,50 +21,35 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from benchmarks._common import fit_seconds, machine, perplexity, text_blocks, write_json
+from benchmarks._common import (
+    add_recovery_arguments,
+    fit_seconds,
+    machine,
+    perplexity,
+    recovery_baseline,
+    write_json,
+)
 from lit_prune import Distill, EndpointLoRA
-from lit_prune.assets import resolve_pretrained, resolve_text_source
 from lit_prune.components.lora import LLAMA_PROJECTIONS
-from lit_prune.components.mask_io import load_mask
-from lit_prune.components.surgery import drop_layers
 from lit_prune.components.teacher_cache import write_topk_cache
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="offline:smollm2-135m")
-    parser.add_argument("--text", nargs="+", default=["offline:britannica"])
-    parser.add_argument("--train-text", nargs="*", default=[])
-    parser.add_argument("--mask", required=True)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=500)
-    parser.add_argument("--val-blocks", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    add_recovery_arguments(parser)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--variants", nargs="+",
                         default=["endpoint_lora", "kd_entropy", "kd_plain", "kd_entropy_cached", "kd_plain_cached"])
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    folder = resolve_pretrained(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    train, val = text_blocks(tokenizer, [f for n in args.text for f in resolve_text_source(n)], args.seq)
-    if args.train_text:
-        extra, _ = text_blocks(tokenizer, [f for n in args.train_text for f in resolve_text_source(n)], args.seq,
-                               val_fraction=0.0001)
-        train = torch.cat([train, extra])
-    val = val[: args.val_blocks]
+    base = recovery_baseline(args, device)
+    folder, mask, train, val = base["folder"], base["mask"], base["train"], base["val"]
+    dense_ppl, pruned_ppl = base["dense_ppl"], base["pruned_ppl"]
     tokens = args.steps * args.batch * args.seq
-    mask = load_mask(args.mask)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device)
-    dense_ppl = perplexity(model, val, args.batch, device)
-    drop_layers(model, mask.drop)
-    pruned_ppl = perplexity(model, val, args.batch, device)
-    del model
     results = {"machine": machine(), "args": vars(args), "train_blocks": len(train), "val_blocks": len(val),
                "tokens_per_variant": tokens, "dense_ppl": dense_ppl, "pruned_ppl": pruned_ppl, "variants": {}}
 

@@ -34,6 +34,8 @@ _WARNING_NOISE = (
     r"Found \d+ module\(s\) in eval mode at the start of training",
     # Our EpochShuffleSampler replays the epoch's order from the seed and the step, so a mid-epoch resume is exact.
     r"You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not resumable",
+    # peft's PeftModel reads transformers' renamed `is_gradient_checkpointing` property; addressed to peft.
+    r"`is_gradient_checkpointing` is deprecated",
 )
 
 
