@@ -474,6 +474,17 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
+def _ppl_protocol_words(protocol: dict[str, Any]) -> str:
+    """Which tokens a perplexity is over, in words: `validate` and `evaluate` differ when their block limits differ."""
+    if protocol["val_fraction"]:
+        part = f"the held-out tail (last {protocol['val_fraction']:g} of the blocks)"
+    else:
+        part = "every block"
+    if protocol["max_blocks"]:
+        part += f", first {protocol['max_blocks']} blocks of it"
+    return f"{part} of {protocol['data_source']}, {protocol['max_length']}-token blocks"
+
+
 def results_markdown(results: dict[str, Any]) -> str:
     """Markdown tables: models (size, perplexity), accuracies ± standard error, retention, paired differences."""
     proto = results["protocol"]
@@ -750,7 +761,7 @@ def evaluate(
             }
             results["models"][name] = entry
         if need_ppl:
-            say(f"{where}: perplexity over {len(inputs)} windows")
+            say(f"{where}: perplexity over {len(inputs)} windows: {_ppl_protocol_words(ppl_protocol)}")
             entry["ppl"] = perplexity(model, inputs, labels, batch_size)
             say(f"{where}: ppl {entry['ppl']['ppl']:.3f} over {entry['ppl']['tokens']} tokens")
             save()

@@ -246,6 +246,9 @@ def test_evaluate_reports_progress_per_model(tiny_checkpoint, tiny_text):
              max_length=32, dtype="float32", device="cpu", plot=False, progress=lines.append)
     assert lines[0] == f"[1/2] dense: loading {tiny_checkpoint}"
     assert any(line.startswith("[1/2] dense: ppl ") for line in lines)
+    # Which tokens the perplexity is over, so it is not mistaken for validate's (which may cap the blocks).
+    protocol = next(line for line in lines if "perplexity over" in line)
+    assert "held-out tail (last 0.1 of the blocks)" in protocol and "32-token blocks" in protocol
     assert lines[-1].startswith("[2/2] again: done in ")
 
 
