@@ -47,6 +47,25 @@ def check_target_modules(
         )
 
 
+def fused_parameter_targets(model: nn.Module, layers: list[int] | None, target_modules: list[str]) -> list[str]:
+    """Parameters of ``layers`` that ``target_modules`` names but that belong to no Linear: fused MoE expert weights.
+
+    peft wraps such parameters (``ParamWrapper``) instead of Linear modules, and refuses LoRA dropout on them.
+    """
+    stack = decoder_layers(model)
+    chosen = list(range(len(stack))) if layers is None else layers
+    found = []
+    for index in chosen:
+        for module_name, module in stack[index].named_modules():
+            if isinstance(module, nn.Linear):
+                continue
+            for param_name, _ in module.named_parameters(recurse=False):
+                name = f"{module_name}.{param_name}" if module_name else param_name
+                if any(name == t or name.endswith(f".{t}") for t in target_modules):
+                    found.append(f"{index}.{name}")
+    return found
+
+
 def check_lora_options(options: dict[str, Any] | None, key: str = "model.init_args.lora_options") -> dict[str, Any]:
     """Validate extra ``peft.LoraConfig`` kwargs against the dataclass, refusing derived and duplicate keys."""
     from peft import LoraConfig

@@ -32,6 +32,7 @@ from lit_prune.components.lora import (
     check_lora_hparams,
     check_lora_options,
     check_target_modules,
+    fused_parameter_targets,
     is_peft,
 )
 from lit_prune.components.mask_io import MaskArtifact, MaskError, load_mask
@@ -236,6 +237,15 @@ class RecoveryStage(PruneStage):
         except Exception:  # an exotic config; the same check runs again once the weights are loaded
             return
         check_target_modules(skeleton, layers, target_modules)
+        fused = fused_parameter_targets(skeleton, layers, target_modules)
+        if fused and self.dropout:
+            shown = ", ".join(fused[:3]) + (", ..." if len(fused) > 3 else "")
+            raise ValueError(
+                f"`model.init_args.dropout`={self.dropout} with `target_modules` {target_modules}: on this mixture-of-"
+                f"experts model they also name fused expert weights ({shown}), "
+                "which peft adapts without LoRA dropout. Set `dropout: 0`, or target only attention projections "
+                "(e.g. [q_proj, k_proj, v_proj, o_proj])."
+            )
 
     # ------------------------------------------------------------ model
     def build_student(self) -> None:

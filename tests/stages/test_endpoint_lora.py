@@ -177,3 +177,20 @@ def test_shared_recovery_settings_are_declared_once():
     assert shared <= set(inspect.signature(RecoveryStage).parameters)
     for stage in (EndpointLoRA, Distill):
         assert not set(inspect.signature(stage).parameters) & shared, f"{stage.__name__} redeclares shared settings"
+
+
+def test_lora_dropout_on_fused_moe_experts_is_refused_before_weights_load(tmp_path, monkeypatch):
+    import lit_prune.hf as hf
+    from tiny import char_tokenizer, tiny_model
+
+    # DeepSeek-V3: `down_proj` names the shared expert's Linear and, for peft, the experts' fused weight too.
+    folder = tmp_path / "deepseek_v3"
+    tiny_model("deepseek_v3").save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    monkeypatch.setattr(hf, "load_causal_lm", lambda *a, **k: pytest.fail("weights were loaded"))
+    last = 5
+    with pytest.raises(ValueError, match=r"dropout`=0.05 .*fused expert weights .*mlp\.experts\.down_proj"):
+        EndpointLoRA(str(folder), endpoint_layers_override=[last], target_modules=["q_a_proj", "down_proj"])
+    # Attention-only targets, or no dropout, are accepted.
+    EndpointLoRA(str(folder), endpoint_layers_override=[last], target_modules=["q_a_proj", "o_proj"])
+    EndpointLoRA(str(folder), endpoint_layers_override=[last], target_modules=["q_a_proj", "down_proj"], dropout=0.0)
