@@ -74,12 +74,16 @@ class MemoObjective:
         return len(self._values)
 
 
+def _values(objective: Callable[[Drop], float], drops: list[Drop]) -> list[float]:
+    # One call for the whole list when the objective can share work between masks.
+    return objective.many(drops) if isinstance(objective, MemoObjective) else [objective(d) for d in drops]
+
+
 def _best(objective: Callable[[Drop], float], drops: Iterable[Drop]) -> tuple[Drop, float]:
     unique = sorted({tuple(sorted(d)) for d in drops})
     if not unique:
         raise ValueError("No candidate mask to choose from.")
-    values = objective.many(unique) if isinstance(objective, MemoObjective) else [objective(d) for d in unique]
-    value, drop = min(zip(values, unique))
+    value, drop = min(zip(_values(objective, unique), unique))
     return drop, value
 
 
@@ -124,8 +128,8 @@ def greedy_importance(
     for layer, loss in zip(order, losses):
         importance[layer] = loss
     rest = [layer for layer in candidates if layer not in order]
-    for layer in rest:
-        importance[layer] = max(objective((*order, layer)), losses[-1])
+    for layer, loss in zip(rest, _values(objective, [(*order, layer) for layer in rest])):
+        importance[layer] = max(loss, losses[-1])
     top = max(importance)
     for layer in range(num_layers):
         if layer not in candidates:

@@ -12,6 +12,7 @@ Validation evaluates the *hard* mask the gate would export now: ``val/kl`` again
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -26,6 +27,7 @@ from lit_prune.components.gating import LayerGating
 from lit_prune.components.losses import Direction, kl_loss, next_token_ce
 from lit_prune.components.mask_io import MaskArtifact
 from lit_prune.components.refine import best_of, greedy_importance, mask_kl_objective, shift_search, swap_search
+from lit_prune.components.scorers import _window_starts, candidate_layers
 from lit_prune.hf import Dtype, meta_model
 from lit_prune.metrics import TokenPerplexity
 from lit_prune.stages.base import PruneStage, num_drop_from, save_gated_as_pruned, strip_frozen_model
@@ -298,14 +300,10 @@ class MaskSearch(PruneStage):
         dataset, size = loader.dataset, loader.batch_size or 1
         count = min(len(dataset), self.importance_batches * size)
         rows = [dataset[i] for i in range(count)]
-        return [
-            torch.stack([torch.as_tensor(r["input_ids"]) for r in rows[i : i + size]]).to(self.device)
-            for i in range(0, count, size)
-        ]
+        return [loader.collate_fn(rows[i : i + size])["input_ids"].to(self.device) for i in range(0, count, size)]
 
     def _candidates(self) -> list[int]:
-        gate = self.gate
-        return list(range(gate.protect_first, self.num_layers - gate.protect_last))
+        return candidate_layers(self.num_layers, self.num_drop, self.gate.protect_first, self.gate.protect_last)
 
     def _init_from_calibration(self) -> None:
         """``kl_greedy`` (E3 logits) or ``window_scan`` (CLP segment start) on the calibration batches."""
@@ -317,9 +315,8 @@ class MaskSearch(PruneStage):
                 self.gate.logits.copy_(logits.to(self.gate.logits))
             self.print(f"Greedy KL importance per layer: {[round(v, 4) for v in importance]}")
         else:
-            low, high = self.gate.protect_first, self.num_layers - self.gate.protect_last
-            windows = [tuple(range(s, s + self.num_drop)) for s in range(low, high - self.num_drop + 1)]
-            drop, kl = best_of(objective, windows)
+            starts = _window_starts(self.num_layers, self.num_drop, self.gate.protect_first, self.gate.protect_last)
+            drop, kl = best_of(objective, [tuple(range(s, s + self.num_drop)) for s in starts])
             self.gate.set_starts_([drop[0]])
             self.print(f"Window scan start: layers [{drop[0]}, {drop[-1] + 1}) with calibration KL {kl:.4f}")
         self._remember_init()
@@ -335,8 +332,6 @@ class MaskSearch(PruneStage):
 
     def _refine_mask(self) -> None:
         """Replace the gate's hard mask by the best candidate (and its local optimum) on the calibration batches."""
-        import time
-
         start = time.perf_counter()
         objective = mask_kl_objective(self.model, self.gating, self._calibration_batches(), self.kl_direction)
         learned = tuple(self.gate.drop_indices())
@@ -348,19 +343,17 @@ class MaskSearch(PruneStage):
         drop, kl = best_of(objective, candidates.values())
         chosen = next(name for name, value in candidates.items() if value == drop)
         rounds = 0
-        if self.refine == "polish":
-            if isinstance(self.gate, ConcaveGate):
-                seg_starts = [s for s, _ in _segments_of(drop, self.gate.widths)]
-                starts, kl, rounds = shift_search(
-                    objective, seg_starts, self.gate.widths, self.gate.protect_first,
-                    self.num_layers - self.gate.protect_last,
-                )
-                drop = tuple(i for s, w in zip(starts, self.gate.widths) for i in range(s, s + w))
-            else:
-                drop, kl, rounds = swap_search(objective, drop, self._candidates(), radius=self.refine_radius)
         if isinstance(self.gate, ConcaveGate):
-            self.gate.set_starts_([s for s, _ in _segments_of(drop, self.gate.widths)])
+            widths = self.gate.widths
+            starts = _segment_starts(drop, widths)
+            if self.refine == "polish":
+                high = self.num_layers - self.gate.protect_last
+                starts, kl, rounds = shift_search(objective, starts, widths, self.gate.protect_first, high)
+                drop = tuple(i for s, w in zip(starts, widths) for i in range(s, s + w))
+            self.gate.set_starts_(starts)
         else:
+            if self.refine == "polish":
+                drop, kl, rounds = swap_search(objective, drop, self._candidates(), radius=self.refine_radius)
             self.gate.set_drop_(drop)
         self.refine_report = {
             "mode": self.refine, "chosen": chosen, "learned_drop": list(learned), "drop": list(drop),
@@ -447,10 +440,6 @@ class MaskSearch(PruneStage):
         strip_frozen_model(checkpoint)  # a 70B checkpoint would otherwise be 140 GB
 
 
-def _segments_of(drop: tuple[int, ...], widths: list[int]) -> list[tuple[int, int]]:
-    """Split a sorted drop list into consecutive ``[start, end)`` runs of the given widths (ConcaveGate's order)."""
-    segments, at = [], 0
-    for width in widths:
-        segments.append((drop[at], drop[at] + width))
-        at += width
-    return segments
+def _segment_starts(drop: tuple[int, ...], widths: list[int]) -> list[int]:
+    """Starts of the consecutive runs of the given widths that make up a sorted drop list (ConcaveGate's order)."""
+    return [drop[sum(widths[:k])] for k in range(len(widths))]
