@@ -47,7 +47,7 @@ Reference = Literal["none", "window_scan"]
 MODULE_ATTRS = (
     "method", "num_layers", "num_drop", "kl_direction", "direction", "ce_weight", "kd_share", "kd_weight",
     "importance_init", "importance_scale", "refine", "loss", "weighting", "beta", "kd_temperature", "teacher_k",
-    "cache_variant",
+    "cache_variant", "select_fraction",
     "train_scope", "lora_layers", "width", "r", "alpha", "dropout",
 )
 METRIC_ORDER = ("val/kl", "val/ppl", "train/loss")  # search, recovery, no validation

@@ -7,12 +7,25 @@ For every scored position ``t`` (one whose next-token label is not ``ignore_inde
     w_t = (H_t + eps) / (mean_t' H_t' + eps)    weighting="normalized" (default): mean weight exactly 1
         = 1 + beta * H_t                        weighting="linear"
         = 1                                     weighting="none": plain KD
+        = n_b / m_b if t is among the m_b        weighting="student_selective" (SE-KD, see below)
+          highest-student-entropy scored
+          tokens of its row b, else 0
     loss = temperature**2 * sum_t w_t * l_t / N
 
 High-entropy "forking" tokens, where the teacher hesitates between continuations, count more; confident tokens count
 less. With ``normalized`` the mean weight is 1 over the scored tokens of the batch, so the loss keeps the scale of
 plain KD and learning rates carry over; ``eps`` keeps a batch where the teacher is certain everywhere at weight 1 (plain
 KD) instead of zero. Weights are detached: they steer the student, they are not trained.
+
+``student_selective`` is student-entropy-guided position selection (SE-KD, Tavor et al. 2026, "Rethinking Selective
+Knowledge Distillation", arXiv 2602.01395): distil only where the *student* is uncertain. The student's entropy
+(temperature 1, detached) ranks the scored tokens of each row (sequence) of the batch; the top
+``m_b = ceil(select_fraction * n_b)`` of its ``n_b`` scored tokens get weight ``n_b / m_b``, the rest 0, so each row's
+mean weight is exactly 1 and the loss is the mean KL over the selected tokens (the scale of plain KD, as with
+``normalized``). The paper keeps the top 20% (``select_fraction=0.2``, our default); ranking within each row rather
+than over the whole batch is our choice (a batch of one long dull sequence and one hard one still trains on both).
+``select_fraction=1`` is plain KD. It works with every teacher form (full, top-K, sparse): only the student's
+logits are ranked.
 
 The teacher comes in one of two forms:
 
@@ -41,7 +54,7 @@ reverse KL needs the student's expectation, which they do not give). ``tail`` at
 buckets of both sides, each bucket as one token.
 
 Defaults: ``direction="forward"``, ``weighting="normalized"``, ``beta=1.0`` (used by ``linear`` only),
-``temperature=1.0``, ``eps=1e-6``, ``ignore_index=-100``.
+``select_fraction=0.2`` (used by ``student_selective`` only), ``temperature=1.0``, ``eps=1e-6``, ``ignore_index=-100``.
 """
 
 from __future__ import annotations
@@ -56,7 +69,7 @@ from torch import Tensor
 from lit_prune.components.checks import check_choice
 from lit_prune.components.losses import IGNORE_INDEX, Direction, kl_from_log_probs, scored_positions, token_entropy
 
-Weighting = Literal["normalized", "linear", "none"]
+Weighting = Literal["normalized", "linear", "none", "student_selective"]
 
 
 @dataclass
@@ -191,6 +204,9 @@ def weights_from_entropy(
         eps: Keeps the normalized weights finite (and 1) when the teacher is certain everywhere.
     """
     check_choice(mode, Weighting, "weighting")
+    if mode == "student_selective":
+        raise ValueError("`weighting: student_selective` ranks the student's entropy, not the teacher's: use "
+                         "`student_selective_weights` (or `entropy_aware_kd_terms`, which picks it).")
     entropy = entropy.detach().float()
     if mode == "none":
         return torch.ones_like(entropy)
@@ -202,6 +218,41 @@ def weights_from_entropy(
         m = mask.to(entropy.dtype)
         mean = (entropy * m).sum() / m.sum().clamp(min=1)
     return (entropy + eps) / (mean + eps)
+
+
+def check_select_fraction(select_fraction: float, key: str = "select_fraction") -> float:
+    """``select_fraction`` as a float in (0, 1]; a clear error otherwise."""
+    if isinstance(select_fraction, bool) or not 0 < select_fraction <= 1:
+        raise ValueError(f"`{key}` must be in (0, 1] (the share of scored tokens distilled), got {select_fraction!r}.")
+    return float(select_fraction)
+
+
+def student_selective_weights(student_entropy: Tensor, mask: Tensor | None = None, select_fraction: float = 0.2
+                              ) -> Tensor:
+    """SE-KD weights: per row, ``n / m`` on the ``m = ceil(select_fraction * n)`` scored tokens of highest student
+    entropy, 0 elsewhere (``n`` = the row's scored tokens), so each row's mean weight over its scored tokens is 1.
+
+    Args:
+        student_entropy: ``[batch, seq]`` student entropy per token (detached here).
+        mask: Bool ``[batch, seq]`` of scored tokens; None scores every token. Unscored tokens get weight 0.
+        select_fraction: Share of each row's scored tokens that is distilled, in (0, 1]; 1 = plain KD.
+
+    Returns:
+        ``[batch, seq]`` float32 weights, detached. Ties are broken by position (the earlier token first).
+    """
+    select_fraction = check_select_fraction(select_fraction)
+    entropy = student_entropy.detach().float()
+    mask = torch.ones_like(entropy, dtype=torch.bool) if mask is None else mask.to(entropy.device, torch.bool)
+    # Unscored tokens rank last; a stable descending sort makes ties deterministic.
+    keys = torch.where(mask, entropy, torch.full_like(entropy, float("-inf")))
+    order = keys.sort(dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.size(-1), device=order.device)
+                                            .expand_as(order).contiguous())
+    scored = mask.sum(-1, keepdim=True)
+    # ceil with a small slack so 0.2 * 10 is 2, not 3, despite float rounding
+    chosen = torch.ceil(scored.double() * select_fraction - 1e-9).clamp(min=1).to(scored.dtype)
+    selected = (rank < chosen) & mask
+    return torch.where(selected, scored.float() / chosen.float(), torch.zeros_like(entropy))
 
 
 def entropy_weights(
@@ -269,6 +320,16 @@ def _teacher_form(student_logits: Tensor, teacher: Teacher) -> tuple[Tensor | No
     return None, teacher
 
 
+def _token_weights(student_logits: Tensor, teacher_entropy: Tensor, weighting: Weighting, beta: float, mask: Tensor,
+                   eps: float, select_fraction: float) -> Tensor:
+    """The per-token weights of ``weighting``: from the teacher's entropy, or (SE-KD) from the student's."""
+    if weighting != "student_selective":
+        return weights_from_entropy(teacher_entropy, weighting, beta, mask, eps)
+    with torch.no_grad():
+        student_entropy = token_entropy(student_logits.detach().float())
+    return student_selective_weights(student_entropy, mask, select_fraction)
+
+
 def entropy_aware_kd_terms(
     student_logits: Tensor,
     teacher: Teacher,
@@ -279,6 +340,7 @@ def entropy_aware_kd_terms(
     beta: float = 1.0,
     ignore_index: int = IGNORE_INDEX,
     eps: float = 1e-6,
+    select_fraction: float = 0.2,
 ) -> KDTerms:
     """Per-token KL, weights and teacher entropy; :meth:`KDTerms.loss` reduces them.
 
@@ -295,7 +357,7 @@ def entropy_aware_kd_terms(
                 f"{list(student_logits.shape[:2])}."
             )
         kl, entropy = sparse_kd_terms(student_logits, teacher, direction, temperature)
-        weights = weights_from_entropy(entropy, weighting, beta, mask, eps)
+        weights = _token_weights(student_logits, entropy, weighting, beta, mask, eps, select_fraction)
         return KDTerms(kl=kl, weights=weights, entropy=entropy, mask=mask, temperature=float(temperature))
     indices, t_logits = _teacher_form(student_logits, teacher)
     t_logits = t_logits.detach().float()
@@ -309,7 +371,7 @@ def entropy_aware_kd_terms(
         if direction == "reverse":
             logp_s = F.log_softmax(logp_s, dim=-1)  # the student renormalised over the teacher's K ids
     kl = kl_from_log_probs(logp_t, logp_s, direction)
-    weights = weights_from_entropy(entropy, weighting, beta, mask, eps)
+    weights = _token_weights(student_logits, entropy, weighting, beta, mask, eps, select_fraction)
     return KDTerms(kl=kl, weights=weights, entropy=entropy, mask=mask, temperature=float(temperature))
 
 
@@ -323,6 +385,7 @@ def entropy_aware_kd(
     beta: float = 1.0,
     ignore_index: int = IGNORE_INDEX,
     eps: float = 1e-6,
+    select_fraction: float = 0.2,
 ) -> Tensor:
     """Token-level KD loss weighted by the teacher's per-token entropy (see the module docstring).
 
@@ -334,16 +397,18 @@ def entropy_aware_kd(
             ``ignore_index`` are not scored. None scores every position.
         direction: ``forward`` = KL(teacher || student), ``reverse`` = KL(student || teacher).
         temperature: Softens both distributions (logits / temperature); the loss is scaled by ``temperature**2``.
-        weighting: ``normalized`` (default), ``linear`` or ``none`` (plain KD).
+        weighting: ``normalized`` (default), ``linear``, ``none`` (plain KD) or ``student_selective`` (SE-KD: only
+            the ``select_fraction`` of each row's scored tokens where the student's entropy is highest).
         beta: Slope of the ``linear`` weighting.
         ignore_index: Label value of unscored tokens.
         eps: Stabiliser of the ``normalized`` weights.
+        select_fraction: Share of tokens ``student_selective`` distils, in (0, 1]; 1 is plain KD.
 
     Returns:
         Scalar loss (float32); 0 when no position is scored.
     """
     return entropy_aware_kd_terms(
-        student_logits, teacher, labels, direction, temperature, weighting, beta, ignore_index, eps
+        student_logits, teacher, labels, direction, temperature, weighting, beta, ignore_index, eps, select_fraction
     ).loss()
 
 

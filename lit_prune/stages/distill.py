@@ -6,7 +6,8 @@ One training step on a batch ``x``::
     student = pruned(x)                     trainable: all weights | LoRA (all kept layers or endpoints) | endpoints
     loss = kd_share * entropy_aware_kd(student, teacher) + (1 - kd_share) * CE(student, x)
 
-The KD term weights every token's KL by the teacher's entropy there (``lit_prune.components.kd``). With
+The KD term weights every token's KL by the teacher's entropy there (``lit_prune.components.kd``), or with
+``weighting: student_selective`` distils only the tokens where the student is most uncertain (SE-KD). With
 ``teacher_cache`` no teacher is loaded at all: build the cache once with ``python -m lit_prune cache-teacher`` on the
 same data settings. Memory with an online teacher: the dense teacher (frozen, same dtype) plus the student.
 """
@@ -24,6 +25,7 @@ from lit_prune.components.kd import (
     SparseTeacher,
     Teacher,
     Weighting,
+    check_select_fraction,
     entropy_aware_kd_terms,
     sample_teacher,
     topk_teacher,
@@ -64,8 +66,11 @@ class Distill(RecoveryStage):
             teacher is loaded).
         kl_direction: ``forward`` = KL(teacher || student), ``reverse`` = KL(student || teacher).
         weighting: Per-token weight from the teacher entropy H: ``normalized`` = H / mean(H) (mean 1), ``linear`` =
-            1 + beta * H, ``none`` = plain KD.
+            1 + beta * H, ``none`` = plain KD; or ``student_selective`` (SE-KD, arXiv 2602.01395): distil only the
+            ``select_fraction`` of each sequence's tokens where the *student's* entropy is highest (mean weight 1).
         beta: Slope of the ``linear`` weighting.
+        select_fraction: Share of tokens ``student_selective`` distils, in (0, 1] (default 0.2, the paper's top 20%;
+            1 = plain KD).
         train: What trains: ``all`` weights, ``lora`` adapters (on ``lora_layers``), or ``endpoints`` (full weights
             of the layers next to each cut).
         lora_layers: With ``train: lora``: every kept layer (``all``) or only the endpoint layers.
@@ -85,6 +90,7 @@ class Distill(RecoveryStage):
         kl_direction: Direction = "forward",
         weighting: Weighting = "normalized",
         beta: float = 1.0,
+        select_fraction: float = 0.2,
         train: TrainScope = "lora",
         lora_layers: LoraLayers = "all",
         ce_weight: float | None = None,
@@ -106,6 +112,7 @@ class Distill(RecoveryStage):
         self.kd_share = check_share(kd_share, "model.init_args.kd_share")
         if weighting == "linear" and beta < 0:
             raise ValueError(f"`model.init_args.beta` must be >= 0 (weights 1 + beta * H stay positive), got {beta}.")
+        self.select_fraction = check_select_fraction(select_fraction, "model.init_args.select_fraction")
         if teacher_k is not None and (isinstance(teacher_k, bool) or teacher_k < 1):
             raise ValueError(f"`model.init_args.teacher_k` must be >= 1 or null, got {teacher_k!r}.")
         if (teacher is None) == (teacher_cache is None):
@@ -204,6 +211,7 @@ class Distill(RecoveryStage):
             teacher = self.teacher_outputs(input_ids)
             terms = entropy_aware_kd_terms(
                 logits, teacher, labels, self.kl_direction, self.kd_temperature, self.weighting, self.beta,
+                select_fraction=self.select_fraction,
             )
             kd = terms.loss()
             weight_mean = terms.scored_mean(terms.weights)

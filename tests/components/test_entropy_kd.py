@@ -10,6 +10,7 @@ from lit_prune.components.kd import (
     entropy_aware_kd_terms,
     entropy_weights,
     sample_teacher,
+    student_selective_weights,
     topk_teacher,
     topk_with_tail,
     weights_from_entropy,
@@ -240,3 +241,55 @@ def test_sparse_teacher_refusals():
         SparseTeacher(idx, logp)
     with pytest.raises(ValueError, match="draws"):
         sample_teacher(_logits(1), 0)
+
+
+def test_student_selective_weights_pick_each_rows_most_uncertain_scored_tokens():
+    entropy = torch.tensor([[0.1, 0.9, 0.5, 0.7, 0.3, 0.2, 0.8, 0.4, 0.6, 1.0],
+                            [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]])
+    mask = torch.ones_like(entropy, dtype=torch.bool)
+    mask[1, :2] = False  # row 1's two most uncertain tokens are not scored: they must not be picked
+    weights = student_selective_weights(entropy, mask, select_fraction=0.25)
+    # row 0: 10 scored -> ceil(2.5) = 3 picked (1.0, 0.9, 0.8) at weight 10/3; row 1: 8 scored -> 2 picked at 4
+    assert weights[0].nonzero().flatten().tolist() == [1, 6, 9]
+    assert weights[1].nonzero().flatten().tolist() == [2, 3]
+    torch.testing.assert_close(weights[0, [1, 6, 9]], torch.full((3,), 10 / 3))
+    torch.testing.assert_close(weights[1, [2, 3]], torch.full((2,), 4.0))
+    for row in range(2):  # mean weight 1 over each row's scored tokens
+        assert weights[row][mask[row]].mean().item() == pytest.approx(1.0)
+    assert student_selective_weights(entropy, None, 0.2)[0].nonzero().flatten().tolist() == [1, 9]
+    with pytest.raises(ValueError, match=r"select_fraction` must be in \(0, 1\]"):
+        student_selective_weights(entropy, mask, 1.5)
+    with pytest.raises(ValueError, match="student's entropy"):
+        weights_from_entropy(entropy, "student_selective")
+
+
+def test_student_selective_kd_is_the_mean_kl_over_the_students_uncertain_tokens():
+    student, teacher, labels = _logits(0, scale=torch.linspace(0.2, 4.0, V)), _logits(1), _labels()
+    mask = _scored(labels)
+    terms = entropy_aware_kd_terms(student, teacher, labels, weighting="student_selective", select_fraction=0.5)
+    picked = terms.weights > 0
+    assert picked.any() and not torch.equal(picked, mask) and not (picked & ~mask).any()
+    # The picked tokens are those where the *student* is uncertain, not the teacher.
+    s_entropy = token_entropy(student)
+    for row in range(B):
+        chosen, rest = s_entropy[row][picked[row]], s_entropy[row][mask[row] & ~picked[row]]
+        assert chosen.min() >= rest.max()
+    # Each row contributes the mean KL over its picked tokens, weighted by its scored-token count.
+    want = sum(terms.kl[r][picked[r]].mean() * mask[r].sum() for r in range(B)) / mask.sum()
+    torch.testing.assert_close(terms.loss(), want)
+
+
+@pytest.mark.parametrize("form", ["full", "tail", "sampled"])
+def test_student_selective_with_fraction_one_is_plain_kd_for_every_teacher_form(form):
+    student, teacher, labels = _logits(0), _logits(1), _labels()
+    if form == "tail":
+        idx, logp, tail = topk_with_tail(teacher, 4)
+        teacher = SparseTeacher(idx, logp, tail=tail)
+    elif form == "sampled":
+        idx, logp, counts = sample_teacher(teacher, 6, torch.Generator().manual_seed(0))
+        teacher = SparseTeacher(idx, logp, counts=counts)
+    plain = entropy_aware_kd(student, teacher, labels, weighting="none")
+    torch.testing.assert_close(
+        entropy_aware_kd(student, teacher, labels, weighting="student_selective", select_fraction=1.0), plain)
+    half = entropy_aware_kd(student, teacher, labels, weighting="student_selective", select_fraction=0.5)
+    assert not torch.isclose(half, plain)
