@@ -7,7 +7,11 @@ Text flows through four steps, all cached by ``datasets``::
       -> tokens: each record tokenized with the tokenizer's own special tokens (a BOS where the tokenizer adds one),
          followed by one EOS so records never run into each other
       -> blocks: the token stream is cut into blocks of exactly ``max_length`` tokens (the tail of each group of
-         1000 records that does not fill a block is dropped); no padding, so every token is a real token
+         1000 records that does not fill a block is dropped); no padding, so every token is a real token.
+         With ``bos_per_block`` (on by default where the tokenizer itself adds a BOS, e.g. Gemma) every block
+         starts with the BOS, as context: a block that does not open on a record's own BOS gets one put before
+         its ``max_length - 1`` tokens. Models trained with a BOS at every sequence start score windows cut from
+         the middle of a text badly without it.
 
 The split is deterministic: the last ``val_fraction`` of the blocks (in source order) is the validation set, so
 validation text is held out as one contiguous stretch rather than interleaved with training text.
@@ -19,7 +23,7 @@ import glob
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -85,6 +89,9 @@ class PruneDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         seed: Seed of the training-block shuffle.
         cache_dir: Cache folder for ``datasets`` (default: the datasets library's own).
+        bos_per_block: Start every block with the tokenizer's BOS (context only: its label is ignored). ``auto``:
+            where the tokenizer itself puts a BOS before encoded text (Gemma), not otherwise (SmolLM2, whose
+            blocks stay a plain cut of the token stream).
     """
 
     def __init__(
@@ -108,6 +115,7 @@ class PruneDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 42,
         cache_dir: str | None = None,
+        bos_per_block: bool | Literal["auto"] = "auto",
     ) -> None:
         super().__init__()
         if (text_files is None) == (dataset is None):
@@ -128,6 +136,8 @@ class PruneDataModule(L.LightningDataModule):
         for key, value in (("max_train_blocks", max_train_blocks), ("max_val_blocks", max_val_blocks)):
             if value is not None and value < 1:
                 raise DataConfigError(f"`data.{key}` must be >= 1 or null, got {value}.")
+        if not (bos_per_block is True or bos_per_block is False or bos_per_block == "auto"):
+            raise DataConfigError(f"`data.bos_per_block` must be true, false or auto, got {bos_per_block!r}.")
         self.save_hyperparameters()
         self.tokenizer_name = tokenizer
         self.files = expand_text_files(text_files) if text_files is not None else None
@@ -148,6 +158,21 @@ class PruneDataModule(L.LightningDataModule):
 
             self._tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(self.tokenizer_name))
         return self._tokenizer
+
+    @property
+    def block_bos_id(self) -> int | None:
+        """The BOS every block starts with, or None when blocks are a plain cut of the token stream."""
+        setting = self.hparams.bos_per_block
+        if setting is False:
+            return None
+        tok = self.tokenizer
+        bos = tok.bos_token_id
+        if setting == "auto":
+            return bos if bos is not None and tokenizer_adds_bos(tok) else None
+        if bos is None:
+            raise DataConfigError(f"`data.bos_per_block`=true, but the tokenizer of {self.tokenizer_name!r} has no BOS "
+                                  "token. Set data.bos_per_block to auto or false.")
+        return bos
 
     def _check_context(self) -> None:
         from transformers import AutoConfig
@@ -220,15 +245,29 @@ class PruneDataModule(L.LightningDataModule):
             labels_out.append(hidden + response_ids)
         return {"input_ids": ids_out, "labels": labels_out}
 
-    def _pack(self, batch: dict[str, list]) -> dict[str, list]:
+    def _pack(self, batch: dict[str, list], bos: int | None = None) -> dict[str, list]:
         size = self.hparams.max_length
         ids = [t for seq in batch["input_ids"] for t in seq]
         labels = [t for seq in batch["labels"] for t in seq]
-        usable = len(ids) // size * size
-        return {
-            "input_ids": [ids[i : i + size] for i in range(0, usable, size)],
-            "labels": [labels[i : i + size] for i in range(0, usable, size)],
-        }
+        if bos is None:
+            usable = len(ids) // size * size
+            return {
+                "input_ids": [ids[i : i + size] for i in range(0, usable, size)],
+                "labels": [labels[i : i + size] for i in range(0, usable, size)],
+            }
+        out_ids, out_labels, pos = [], [], 0
+        while True:
+            # A block that opens on a record's own BOS keeps it (no doubled BOS); any other gets one put before it.
+            own = pos < len(ids) and ids[pos] == bos
+            take = size if own else size - 1
+            if pos + take > len(ids):
+                break
+            head = [] if own else [bos]
+            out_ids.append(head + ids[pos : pos + take])
+            first = pos + 1 if own else pos  # the BOS position is context only
+            out_labels.append([IGNORE_INDEX] + labels[first : pos + take])
+            pos += take
+        return {"input_ids": out_ids, "labels": out_labels}
 
     def build_blocks(self):
         """Records -> tokens -> fixed-length blocks (a ``datasets.Dataset`` with input_ids and labels)."""
@@ -238,7 +277,12 @@ class PruneDataModule(L.LightningDataModule):
             desc="Tokenizing",
         )
         num_tokens = sum(len(x) for x in tokenized["input_ids"])
-        blocks = tokenized.map(self._pack, batched=True, batch_size=GROUP_SIZE, desc="Packing")
+        bos = self.block_bos_id
+        if bos is not None and self.hparams.max_length < 2:
+            raise DataConfigError(f"`data.max_length`={self.hparams.max_length} leaves no text token after the BOS "
+                                  "of `data.bos_per_block`. Use data.max_length >= 2 or data.bos_per_block: false.")
+        blocks = tokenized.map(self._pack, batched=True, batch_size=GROUP_SIZE, fn_kwargs={"bos": bos},
+                               desc="Packing")
         if len(blocks) == 0:
             hp = self.hparams
             if hp.prompt_field is None and not any((t or "").strip() for t in records[hp.text_field]):
@@ -308,6 +352,13 @@ class PruneDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader | list:
         return self.val_dataloader()
+
+
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts its BOS before text it encodes (Gemma's does, SmolLM2's does not)."""
+    bos = tokenizer.bos_token_id
+    ids = tokenizer("a")["input_ids"]
+    return bos is not None and len(ids) > 0 and ids[0] == bos
 
 
 class EpochShuffleSampler(Sampler[int]):

@@ -201,7 +201,7 @@ def build_eval_blocks(
     dm = PruneDataModule(
         tokenizer=tokenizer, text_files=text_files, dataset=dataset, dataset_config=dataset_config, split=split,
         text_field=text_field, max_length=max_length, batch_size=1, val_fraction=val_fraction,
-        max_val_blocks=max_blocks,
+        max_val_blocks=max_blocks, bos_per_block=False,  # a plain cut: windows are cut from it (BOS per window)
     )
     if val_fraction > 0:
         dm.setup("validate")

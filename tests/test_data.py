@@ -92,3 +92,79 @@ def test_missing_field_empty_and_too_long(tiny_checkpoint, tiny_text, tmp_path):
     with pytest.raises(DataConfigError, match="suffixes"):
         (tmp_path / "a.csv").write_text("x")
         expand_text_files([str(tmp_path / "a.csv")])
+
+
+@pytest.fixture(scope="module")
+def bos_checkpoint(tmp_path_factory):
+    """The tiny checkpoint's config with a character tokenizer that puts its BOS before encoded text (as Gemma's)."""
+    from tiny import char_tokenizer, tiny_model
+    from tokenizers import processors
+
+    path = tmp_path_factory.mktemp("bos-tokenizer")
+    tok = char_tokenizer()
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.save_pretrained(path)
+    tiny_model("llama").config.save_pretrained(path)
+    return path
+
+
+def _blocks(dm):
+    blocks = dm.build_blocks()
+    return [list(map(int, b)) for b in blocks["input_ids"]], [list(map(int, b)) for b in blocks["labels"]]
+
+
+def test_bos_per_block_auto_keeps_plain_blocks_for_tokenizers_without_bos(tiny_checkpoint, tiny_text, tmp_path):
+    # SmolLM2-like: the tokenizer has a BOS token but does not prepend it, so auto == false == the plain cut.
+    docs = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    docs[0].write_text(tiny_text.read_text()[:900])
+    docs[1].write_text(tiny_text.read_text()[:700])
+    auto = _blocks(_dm(tiny_checkpoint, text_files=[str(d) for d in docs]))
+    off = _blocks(_dm(tiny_checkpoint, text_files=[str(d) for d in docs], bos_per_block=False))
+    assert auto == off
+    tok = _dm(tiny_checkpoint, text_files=[str(docs[0])]).tokenizer
+    stream = [t for d in docs for t in tok(d.read_text())["input_ids"] + [tok.eos_token_id]]
+    assert auto[0] == [stream[i : i + 32] for i in range(0, len(stream) // 32 * 32, 32)]
+    assert auto[1] == auto[0]
+
+
+def test_bos_per_block_true_puts_a_context_bos_before_every_block(tiny_checkpoint, tiny_text):
+    dm = _dm(tiny_checkpoint, text_files=[str(tiny_text)], bos_per_block=True)
+    ids, labels = _blocks(dm)
+    bos, tok = dm.tokenizer.bos_token_id, dm.tokenizer
+    stream = tok(tiny_text.read_text())["input_ids"] + [tok.eos_token_id]
+    assert all(len(b) == 32 and b[0] == bos for b in ids)
+    assert all(lab[0] == -100 and lab[1:] == b[1:] for b, lab in zip(ids, labels))
+    # 31 text tokens per block, in stream order, nothing skipped.
+    assert [t for b in ids for t in b[1:]] == stream[: len(ids) * 31]
+    assert len(ids) == len(stream) // 31
+
+
+def test_bos_per_block_auto_for_a_tokenizer_that_adds_bos(bos_checkpoint, tiny_text, tmp_path):
+    docs = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    docs[0].write_text(tiny_text.read_text()[:900])
+    docs[1].write_text(tiny_text.read_text()[:700])
+    dm = _dm(bos_checkpoint, text_files=[str(d) for d in docs])
+    tok = dm.tokenizer
+    bos = tok.bos_token_id
+    stream = [t for d in docs for t in tok(d.read_text())["input_ids"] + [tok.eos_token_id]]
+    assert stream[0] == bos and stream.count(bos) == 2  # each record opens with the tokenizer's own BOS
+    ids, labels = _blocks(dm)
+    assert all(len(b) == 32 and b[0] == bos and b[1] != bos for b in ids)  # every block, never a doubled BOS
+    assert all(lab[0] == -100 and lab[1:] == b[1:] for b, lab in zip(ids, labels))
+    # Dropping the added BOSes gives back the stream: the first block keeps the record's own BOS, the others get one.
+    assert ids[0] == stream[:32]
+    assert ids[0] + [t for b in ids[1:] for t in b[1:]] == stream[: 32 + 31 * (len(ids) - 1)]
+    off, _ = _blocks(_dm(bos_checkpoint, text_files=[str(d) for d in docs], bos_per_block=False))
+    assert off == [stream[i : i + 32] for i in range(0, len(stream) // 32 * 32, 32)]
+    assert sum(b[0] == bos for b in off) < len(off)
+    # Resume and split logic work on whole blocks, unchanged: setup splits the same blocks.
+    dm.setup("fit")
+    assert [list(map(int, b)) for b in dm.train_set["input_ids"]] + \
+        [list(map(int, b)) for b in dm.val_set["input_ids"]] == ids
+
+
+def test_bos_per_block_bad_values(tiny_checkpoint, tiny_text, tmp_path):
+    with pytest.raises(DataConfigError, match="bos_per_block"):
+        _dm(tiny_checkpoint, text_files=[str(tiny_text)], bos_per_block="yes")
+    with pytest.raises(DataConfigError, match="max_length >= 2"):
+        _dm(tiny_checkpoint, text_files=[str(tiny_text)], bos_per_block=True, max_length=1).build_blocks()
