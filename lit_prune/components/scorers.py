@@ -50,6 +50,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lit_prune.components.bypass import can_replay as _can_replay
+from lit_prune.components.bypass import fed as _fed
+from lit_prune.components.bypass import forwards_replaced as _forwards_replaced
+from lit_prune.components.bypass import pass_through as _pass_through
+from lit_prune.components.bypass import returning as _returning
 from lit_prune.components.gating import LayerGating
 from lit_prune.components.layers import decoder_layers, unwrap
 from lit_prune.components.losses import Direction
@@ -281,54 +286,6 @@ def _nll_sum(logits: Tensor, input_ids: Tensor) -> Tensor:
             chunk = logits[row, begin:end].float()
             total += F.cross_entropy(chunk, targets[row, begin + 1 : end + 1], reduction="sum").double()
     return total
-
-
-def _pass_through(*args: Any, **kwargs: Any) -> Tensor:
-    # A bypassed layer: its input is its output, nothing is computed.
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def _fed(forward: Callable[..., Any], hidden: Tensor) -> Callable[..., Any]:
-    # The real layer, run on `hidden` instead of whatever reached it.
-    def run(*args: Any, **kwargs: Any) -> Any:
-        if args:
-            args = (hidden, *args[1:])
-        else:
-            kwargs["hidden_states"] = hidden
-        return forward(*args, **kwargs)
-
-    return run
-
-
-def _returning(hidden: Tensor) -> Callable[..., Tensor]:
-    return lambda *args, **kwargs: hidden
-
-
-@contextmanager
-def _forwards_replaced(layers: nn.ModuleList, forwards: dict[int, Callable[..., Any]]) -> Iterator[None]:
-    """Swap the ``forward`` of some layers for the duration of one model call (their hooks keep running)."""
-    missing = object()
-    saved: dict[int, Any] = {}
-    try:
-        for index, forward in forwards.items():
-            saved[index] = layers[index].__dict__.get("forward", missing)
-            layers[index].forward = forward
-        yield
-    finally:
-        for index, previous in saved.items():
-            if previous is missing:
-                del layers[index].forward
-            else:
-                layers[index].forward = previous
-
-
-def _can_replay(model: nn.Module) -> bool:
-    """False for sharded (FSDP) models: their layers must run inside the model's own forward, so masks are gated."""
-    try:
-        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-    except ImportError:  # a torch build without distributed support cannot shard either
-        return True
-    return not any(isinstance(module, (FSDPModule, FullyShardedDataParallel)) for module in model.modules())
 
 
 class _Replay:

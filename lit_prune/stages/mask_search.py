@@ -2,10 +2,16 @@
 
 One training step on a batch ``x``::
 
-    with no_grad, gates open:   p_T = softmax(model(x))          # dense teacher = the same weights, no copy
     g = gate()                   # [num_layers] in [0, 1]: ConcaveGate (CLP) notch or GumbelTopKGate (E3) k-hot
     gates = g:                   p_S = softmax(model(x))          # h_out = h + g_l (F_l(h) - h) per layer
+    with no_grad, gates open:   p_T = softmax(model(x))          # dense teacher = the same weights, no copy
     loss = KL(p_T || p_S) [+ ce_weight * CE(p_S, x)]            # direction configurable
+
+Two exact shortcuts (``exact_shortcuts``, on by default) make the step cheaper without changing a bit of it. The
+first ``p`` layers whose gate is exactly 1 in the hidden dtype hand the same state to layer ``p`` in both passes
+(``lerp(h, F, 1) == F``), so the teacher starts at layer ``p`` from the gated pass's state; for E3 ``p`` is the first
+dropped layer, for CLP a few layers before the notch at T=1 and right at it when cold. A layer whose gate is exactly 0
+(E3's k-hot forward) gets a detached input, so no graph and no backward run through it.
 
 Validation evaluates the *hard* mask the gate would export now: ``val/kl`` against the dense model and ``val/ppl``.
 """
@@ -21,9 +27,11 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 
 from lit_prune.assets import canonical_model_id
+from lit_prune.components.bypass import can_replay, fed, forwards_replaced, pass_through
 from lit_prune.components.checks import check_choice
 from lit_prune.components.gates import ConcaveGate, GumbelTopKGate, LayerGate, logits_from_importance
-from lit_prune.components.gating import LayerGating
+from lit_prune.components.gating import LayerGating, shared_prefix
+from lit_prune.components.layers import decoder_layers
 from lit_prune.components.losses import Direction, kl_loss, next_token_ce
 from lit_prune.components.mask_io import MaskArtifact
 from lit_prune.components.refine import best_of, greedy_importance, mask_kl_objective, shift_search, swap_search
@@ -74,6 +82,11 @@ class MaskSearch(PruneStage):
             at large batch x vocabulary (docs/scale.md); null computes it at once.
         compile_blocks: torch.compile each decoder layer's norm and MLP submodules (fuses their pointwise ops; the
             first steps pay the compile time). See docs/scale.md.
+        exact_shortcuts: Skip work a training step provably does not need: the teacher pass starts from the gated
+            pass's hidden state at the first layer whose gate is not exactly 1, and layers whose gate is exactly 0
+            build no autograd graph. Teacher logits, loss and gate gradient stay bit for bit the same. Off for sharded
+            (FSDP) models and with ``compile_blocks`` (compiled kernels may differ between grad and no-grad passes);
+            false runs both full passes (for comparison).
         dtype: Dtype the frozen weights are loaded in (bfloat16 halves memory; the gate stays float32).
         optimizer: Optimizer factory for the gate parameters.
         gradient_checkpointing: Recompute layer activations in the backward pass to save memory.
@@ -96,6 +109,7 @@ class MaskSearch(PruneStage):
         method: str | None = None,
         kl_chunk_tokens: int | None = None,
         compile_blocks: bool = False,
+        exact_shortcuts: bool = True,
         dtype: Dtype = "auto",
         optimizer: OptimizerCallable = torch.optim.AdamW,
         gradient_checkpointing: bool = False,
@@ -110,6 +124,8 @@ class MaskSearch(PruneStage):
             raise ValueError(f"`model.init_args.kl_chunk_tokens` must be >= 1 or null, got {kl_chunk_tokens!r}.")
         self.kl_chunk_tokens = kl_chunk_tokens
         self.compile_blocks = compile_blocks
+        self.exact_shortcuts = exact_shortcuts
+        self._shortcuts: bool | None = None  # decided at the first step, once any sharding is in place
         if compile_blocks:
             if gradient_checkpointing:
                 raise ValueError(
@@ -376,6 +392,39 @@ class MaskSearch(PruneStage):
         self.gating.set(gates)
         return self.model(input_ids=input_ids, use_cache=False).logits
 
+    def _step_logits(self, input_ids: Tensor, gates: Tensor) -> tuple[Tensor, Tensor]:
+        """Teacher (no grad, gates open) and gated logits of one training step, with the exact shortcuts."""
+        if self._shortcuts is None:
+            self._shortcuts = self.exact_shortcuts and not self.compile_blocks and can_replay(self.model)
+        if not self._shortcuts:
+            return self._teacher_logits(input_ids), self._gated_logits(input_ids, gates)
+        # Read before any forward is queued (the gate was computed first), so the sync does not idle the GPU.
+        host = gates.detach().cpu()
+        self.gating.set(gates, host)
+        layers = decoder_layers(self.model)
+        guess = self.model.get_input_embeddings().weight.dtype  # the residual stream's dtype, checked below
+        start = min(shared_prefix(host, guess), len(layers) - 1)
+        if start == 0:
+            return self._teacher_logits(input_ids), self.model(input_ids=input_ids, use_cache=False).logits
+        entering: list[Tensor] = []
+
+        def capture(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            entering.append(args[0] if args else kwargs["hidden_states"])
+
+        # Removed right after the gated pass: a recomputation in backward must not capture again.
+        handle = layers[start].register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            student = self.model(input_ids=input_ids, use_cache=False).logits
+        finally:
+            handle.remove()
+        hidden = entering.pop().detach()
+        if shared_prefix(host, hidden.dtype) < start:  # finer hidden dtype than guessed: no shared prefix
+            return self._teacher_logits(input_ids), student
+        forwards = dict.fromkeys(range(start), pass_through)
+        forwards[start] = fed(layers[start].forward, hidden)
+        with forwards_replaced(layers, forwards):
+            return self._teacher_logits(input_ids), student
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         if self._importance_pending:
             # Here, not in on_train_start: under FSDP the weights are gathered only inside the wrapped forward.
@@ -398,8 +447,7 @@ class MaskSearch(PruneStage):
             slot = self.trainer.global_step % self.refine_samples
             self.sampled_keep[slot] = gates.detach() > 0.5
             self.sampled_valid[slot] = True
-        teacher = self._teacher_logits(input_ids)
-        student = self._gated_logits(input_ids, gates)
+        teacher, student = self._step_logits(input_ids, gates)
         kl = kl_loss(teacher, student, labels=None, direction=self.kl_direction, chunk_tokens=self.kl_chunk_tokens)
         loss = kl
         logs = {"train/kl": kl}
