@@ -5,6 +5,10 @@ step-based runs (``max_epochs`` is -1 there) and "10/3" after a mid-epoch resume
 This bar shows "Steps" with ``global_step / max_steps`` when ``max_steps`` is set, the epoch bar otherwise, and no
 ``v_num``. ``step_progress_bar()`` returns the Rich flavour when ``rich`` is installed (Lightning's own default then),
 else the tqdm one. ``LitPruneCLI`` adds it unless a config brings its own progress bar.
+
+With ``max_steps`` set, the bar's metrics (the logged loss) refresh on logging steps (``log_every_n_steps``) and the
+last step: reading a logged GPU tensor waits for the GPU, and doing it every step would keep the host from queueing
+the next step while the GPU finishes this one. The step count still moves every step.
 """
 
 from __future__ import annotations
@@ -20,6 +24,11 @@ DESCRIPTION = "Steps"
 
 def _max_steps(trainer: pl.Trainer) -> int | None:
     return trainer.max_steps if trainer.max_steps is not None and trainer.max_steps > 0 else None
+
+
+def _metrics_due(trainer: pl.Trainer) -> bool:
+    step = trainer.global_step
+    return step % max(1, trainer.log_every_n_steps) == 0 or step == _max_steps(trainer)
 
 
 class _NoVersion:
@@ -57,7 +66,8 @@ class RichStepProgressBar(_NoVersion, RichProgressBar):
         if not self.is_disabled and self.train_progress_bar_id is None:
             self._initialize_train_progress_bar_id()
         self._update(self.train_progress_bar_id, trainer.global_step)
-        self._update_metrics(trainer, pl_module)
+        if _metrics_due(trainer):
+            self._update_metrics(trainer, pl_module)
         self.refresh()
 
 
@@ -84,8 +94,9 @@ class TQDMStepProgressBar(_NoVersion, TQDMProgressBar):
             return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if self._should_update(trainer.global_step, total):
             self._to_steps(trainer, total)
+            if _metrics_due(trainer):
+                self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
             self.train_progress_bar.refresh()
-            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
 
 
 def step_progress_bar() -> ProgressBar:

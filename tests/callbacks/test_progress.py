@@ -38,3 +38,29 @@ def test_rich_bar_counts_steps_against_max_steps(tmp_path):
         task = bar.progress.tasks[0]
     assert (task.completed, task.total) == (6, 6) and "Steps" in task.description
     assert "v_num" not in bar.get_metrics(trainer, trainer.lightning_module)
+
+
+@pytest.mark.parametrize("flavour", ["tqdm", "rich"])
+def test_bar_reads_logged_metrics_only_on_logging_steps(tmp_path, flavour):
+    # Reading a logged tensor is a host sync: the bar does it when the loggers do, and on the last step.
+    if flavour == "rich":
+        pytest.importorskip("rich")
+    base = RichStepProgressBar if flavour == "rich" else TQDMStepProgressBar
+    read_at = []
+
+    class Counting(base):
+        def get_metrics(self, trainer, pl_module):
+            read_at.append(trainer.global_step)
+            return super().get_metrics(trainer, pl_module)
+
+    class Logging(BoringModel):
+        def training_step(self, batch, batch_idx):
+            out = super().training_step(batch, batch_idx)
+            self.log("train/loss", out["loss"], prog_bar=True)
+            return out
+
+    trainer = pl.Trainer(max_steps=7, limit_train_batches=10, limit_val_batches=0, callbacks=[Counting()],
+                         logger=False, enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu",
+                         log_every_n_steps=3)
+    trainer.fit(Logging())
+    assert sorted(set(step for step in read_at if 0 < step)) == [3, 6, 7]
