@@ -75,15 +75,18 @@ def shuffled_loader(blocks: torch.Tensor, batch: int, seed: int = 1337):
     return DataLoader(rows, batch_size=batch, sampler=EpochShuffleSampler(len(rows), seed), collate_fn=collate_blocks)
 
 
-def fit_seconds(stage, train: torch.Tensor, batch: int, steps: int) -> float:
-    """Train a lit_prune stage for ``steps`` on shuffled ``train`` blocks (one device, clip 1.0, no logger)."""
+def fit_seconds(stage, train: torch.Tensor, batch: int, steps: int, seed: int = 1337, callbacks=None) -> float:
+    """Train a lit_prune stage for ``steps`` on shuffled ``train`` blocks (one device, clip 1.0, no logger).
+
+    ``seed`` sets the batch order (the LoRA init follows the global seed: ``L.seed_everything`` before the stage).
+    """
     import lightning as L
 
     trainer = L.Trainer(accelerator="auto", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        gradient_clip_val=1.0)
+                        gradient_clip_val=1.0, callbacks=callbacks)
     start = time.perf_counter()
-    trainer.fit(stage, train_dataloaders=shuffled_loader(train, batch))
+    trainer.fit(stage, train_dataloaders=shuffled_loader(train, batch, seed))
     return time.perf_counter() - start
 
 
@@ -171,17 +174,17 @@ def add_recovery_arguments(parser) -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
 
 
-def recovery_baseline(args, device: str) -> dict:
-    """Blocks and the dense / plainly pruned held-out perplexities that every recovery row is compared with.
+def recovery_blocks(args) -> dict:
+    """The model folder, the mask and the training / held-out blocks of a recovery benchmark (no weights load).
 
     Training blocks: ``--text`` without its held-out tail, plus all of ``--train-text``, capped at
-    ``--max-train-blocks`` when the script has that option. Held-out: the first ``--val-blocks`` of ``--text``'s tail.
+    ``--max-train-blocks`` when the script has that option. Held-out: the first ``--val-blocks`` of ``--text``'s tail
+    (training never sees it).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from lit_prune.assets import resolve_pretrained, resolve_text_source
     from lit_prune.components.mask_io import load_mask
-    from lit_prune.components.surgery import drop_layers
 
     folder = resolve_pretrained(args.model)
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -193,11 +196,84 @@ def recovery_baseline(args, device: str) -> dict:
     if getattr(args, "max_train_blocks", None):
         train = train[: args.max_train_blocks]
     val = val[: args.val_blocks]
+    return {"folder": folder, "mask": load_mask(args.mask), "train": train, "val": val}
+
+
+def recovery_baseline(args, device: str) -> dict:
+    """:func:`recovery_blocks` plus the dense / plainly pruned held-out perplexities every recovery row is compared
+    with (``dense_ppl``, ``pruned_ppl``)."""
+    from transformers import AutoModelForCausalLM
+
+    from lit_prune.components.surgery import drop_layers
+
+    data = recovery_blocks(args)
+    folder, mask, train, val = data["folder"], data["mask"], data["train"], data["val"]
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device)
     dense_ppl = perplexity(model, val, args.batch, device)
-    mask = load_mask(args.mask)
     drop_layers(model, mask.drop)
     pruned_ppl = perplexity(model, val, args.batch, device)
     del model
     return {"folder": folder, "mask": mask, "train": train, "val": val, "dense_ppl": dense_ppl,
             "pruned_ppl": pruned_ppl}
+
+
+# ------------------------------------------------------------------------------------------------ KD variants
+KD_VARIANT_FORMS = "online, tail_K, renormalized_K or sampled_N (e.g. tail_15)"
+
+
+def parse_kd_variant(name: str) -> tuple[str, int | None]:
+    """A KD teacher variant: ``online`` -> (online, None); ``tail_15`` -> (tail, 15); ``sampled_12`` -> (sampled,
+    12); ``renormalized_10`` -> (renormalized, 10). Raises ValueError naming the allowed forms."""
+    if name == "online":
+        return name, None
+    kind, _, size = name.rpartition("_")
+    if kind not in ("tail", "renormalized", "sampled") or not size.isdigit() or int(size) < 1:
+        raise ValueError(f"{name!r} is not {KD_VARIANT_FORMS}.")
+    return kind, int(size)
+
+
+def cache_name(variant: str, size: int | None) -> str | None:
+    """Folder name of the teacher cache a variant reads (``tail`` and ``renormalized`` share a top-K cache)."""
+    if variant == "online":
+        return None
+    return f"{'sampled' if variant == 'sampled' else 'topk'}_{size}"
+
+
+def build_teacher_cache(folder: str, train: torch.Tensor, batch: int, out_dir: Path, name: str, model_id: str,
+                        device: str) -> dict:
+    """Write the teacher cache ``name`` (``topk_K`` / ``sampled_N``) of ``train`` into ``out_dir / name`` once.
+
+    Returns its ``bytes_per_token`` and build ``seconds`` (None when it was already there)."""
+    from transformers import AutoModelForCausalLM
+
+    from lit_prune.components.teacher_cache import write_topk_cache
+
+    target = Path(out_dir) / name
+    seconds = None
+    if not (target / "meta.json").exists():
+        kind, _, size = name.rpartition("_")
+        start = time.perf_counter()
+        teacher = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device).eval()
+        write_topk_cache(teacher, [{"input_ids": b} for b in train.split(batch)], target, k=int(size),
+                         model_id=model_id, device=device, kind=kind, overwrite=True)
+        del teacher
+        seconds = time.perf_counter() - start
+    meta = json.loads((target / "meta.json").read_text())
+    return {"bytes_per_token": meta["bytes_per_token"], "seconds": seconds}
+
+
+def kd_stage(folder: str, mask: str, lr: float, variant: str, size: int | None, cache_dir: Path | None,
+             weighting: str = "none", select_fraction: float = 0.2):
+    """The recovery benchmarks' KD stage: forward KL at temperature 1, no CE, LoRA on every kept layer, bf16, AdamW
+    at ``lr``; the teacher online or the cache of ``variant`` under ``cache_dir`` (:func:`cache_name`)."""
+    from lit_prune import Distill
+    from lit_prune.components.lora import LLAMA_PROJECTIONS
+
+    if variant == "online":
+        teacher = dict(teacher=folder)
+    else:
+        teacher = dict(teacher_cache=str(Path(cache_dir) / cache_name(variant, size)), cache_variant=variant)
+    optimizer = lambda p: torch.optim.AdamW(p, lr=lr, weight_decay=0.0)  # noqa: E731
+    return Distill(pretrained=folder, mask=mask, dtype="bfloat16", optimizer=optimizer, allow_model_mismatch=True,
+                   target_modules=LLAMA_PROJECTIONS, weighting=weighting, select_fraction=select_fraction,
+                   train="lora", lora_layers="all", **teacher)

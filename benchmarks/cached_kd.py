@@ -19,9 +19,7 @@ pruned-dense gap closed, that share relative to the online teacher's, bytes per 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
-import time
 from pathlib import Path
 
 import lightning as L
@@ -29,25 +27,24 @@ import torch
 
 from benchmarks._common import (
     add_recovery_arguments,
+    build_teacher_cache,
+    cache_name,
     fit_seconds,
+    kd_stage,
     machine,
+    parse_kd_variant,
     perplexity,
     recovery_baseline,
     write_json,
 )
-from lit_prune import Distill
-from lit_prune.components.lora import LLAMA_PROJECTIONS
-from lit_prune.components.teacher_cache import write_topk_cache
 
 
 def parse_variant(name: str) -> tuple[str, int | None]:
     """``online`` -> (online, None); ``tail_15`` -> (tail, 15); errors name the allowed forms."""
-    if name == "online":
-        return name, None
-    kind, _, size = name.rpartition("_")
-    if kind not in ("tail", "renormalized", "sampled") or not size.isdigit() or int(size) < 1:
-        raise SystemExit(f"--variants: {name!r} is not online, tail_K, renormalized_K or sampled_N (e.g. tail_15).")
-    return kind, int(size)
+    try:
+        return parse_kd_variant(name)
+    except ValueError as err:
+        raise SystemExit(f"--variants: {err}") from None
 
 
 def main() -> None:
@@ -59,8 +56,6 @@ def main() -> None:
     args = parser.parse_args()
     variants = {name: parse_variant(name) for name in args.variants}
 
-    from transformers import AutoModelForCausalLM
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base = recovery_baseline(args, device)
     folder, mask, train, val = base["folder"], base["mask"], base["train"], base["val"]
@@ -70,30 +65,14 @@ def main() -> None:
                "tokens_per_variant": tokens, "dense_ppl": dense_ppl, "pruned_ppl": pruned_ppl, "caches": {},
                "variants": {}}
 
-    caches: dict[tuple[str, int], Path] = {}
     root = Path(tempfile.mkdtemp())
-    for kind, size in sorted({("sampled" if v == "sampled" else "topk", s) for v, s in variants.values() if s}):
-        start = time.perf_counter()
-        teacher = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device).eval()
-        caches[kind, size] = write_topk_cache(teacher, [{"input_ids": b} for b in train.split(args.batch)],
-                                              root / f"{kind}_{size}", k=size, model_id=args.model, device=device,
-                                              kind=kind)
-        del teacher
-        meta = json.loads((caches[kind, size] / "meta.json").read_text())
-        results["caches"][f"{kind}_{size}"] = {"bytes_per_token": meta["bytes_per_token"],
-                                               "seconds": time.perf_counter() - start}
+    for name in sorted({cache_name(v, s) for v, s in variants.values() if s}):
+        results["caches"][name] = build_teacher_cache(folder, train, args.batch, root, name, args.model, device)
 
-    optimizer = lambda p: torch.optim.AdamW(p, lr=args.lr, weight_decay=0.0)  # noqa: E731
     for name, (variant, size) in variants.items():
         L.seed_everything(1337, verbose=False)
-        if variant == "online":
-            teacher, cache_key = dict(teacher=folder), None
-        else:
-            cache_key = f"{'sampled' if variant == 'sampled' else 'topk'}_{size}"
-            teacher = dict(teacher_cache=str(root / cache_key), cache_variant=variant)
-        stage = Distill(pretrained=folder, mask=args.mask, dtype="bfloat16", optimizer=optimizer,
-                        allow_model_mismatch=True, target_modules=LLAMA_PROJECTIONS, weighting="none", train="lora",
-                        lora_layers="all", **teacher)
+        cache_key = cache_name(variant, size)
+        stage = kd_stage(folder, args.mask, args.lr, variant, size, root)
         seconds = fit_seconds(stage, train, args.batch, args.steps)
         ppl = perplexity(stage.model, val, args.batch, device)
         results["variants"][name] = {
@@ -115,7 +94,7 @@ def main() -> None:
     print(f"| pruned ({len(mask.drop)}/{mask.num_layers} layers) | {pruned_ppl:.2f} | 0% | | | | |")
     for name, v in results["variants"].items():
         variant, size = variants[name]
-        key = None if variant == "online" else f"{'sampled' if variant == 'sampled' else 'topk'}_{size}"
+        key = cache_name(variant, size)
         rel = f"{v['gap_closed'] / online:.0%}" if online else ""
         size_str = f"{v['bytes_per_token']:.2f}" if v["bytes_per_token"] else "full"
         cache_s = f"{results['caches'][key]['seconds']:.0f}" if key else ""
