@@ -121,7 +121,7 @@ def main() -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     gating = LayerGating(model)
-    num_layers = len(gating._handles)
+    num_layers = gating.num_layers
     val_teacher = teacher_logits_for(model, gating, held_out)
 
     def held_out_kl(drop: list[int]) -> float:
