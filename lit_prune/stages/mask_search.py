@@ -7,8 +7,8 @@ One training step on a batch ``x``::
     with no_grad, gates open:   p_T = softmax(model(x))          # dense teacher = the same weights, no copy
     loss = KL(p_T || p_S) [+ ce_weight * CE(p_S, x)]            # direction configurable
 
-Two exact shortcuts (``exact_shortcuts``, on by default) make the step cheaper without changing a bit of it. The
-first ``p`` layers whose gate is exactly 1 in the hidden dtype hand the same state to layer ``p`` in both passes
+Two exact shortcuts (``exact_shortcuts``, on by default) make the step cheaper without changing a bit of it. If the
+gates of layers ``0..p-1`` are exactly 1 in the hidden dtype, both passes hand the same state to layer ``p``
 (``lerp(h, F, 1) == F``), so the teacher starts at layer ``p`` from the gated pass's state; for E3 ``p`` is the first
 dropped layer, for CLP a few layers before the notch at T=1 and right at it when cold. A layer whose gate is exactly 0
 (E3's k-hot forward) gets a detached input, so no graph and no backward run through it.
