@@ -10,7 +10,7 @@ from lit_prune.cli import main
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 # Mixture-of-experts configs run on a tiny model of their own architecture (tests/tiny.py), the rest on tiny Llama.
-TINY_MODEL_TYPES = {"e3_deepseek_r1": "deepseek_v3", "e3_qwen3_30b_a3b": "qwen3_moe"}
+TINY_MODEL_TYPES = {"e3_deepseek_r1": "deepseek_v3", "e3_qwen3_30b_a3b": "qwen3_moe", "clp_gemma3_270m": "gemma3_text"}
 
 
 @pytest.fixture(scope="session")
