@@ -44,6 +44,9 @@ def text_blocks(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``PruneDataModule``'s blocks of ``seq`` tokens (one document per file, EOS after each), split off a tail.
 
+    Its ``bos_per_block: auto`` rule applies: where the tokenizer adds a BOS (Gemma) every block starts with one, as
+    context; SmolLM2's blocks are a plain cut of the token stream, as in every recorded run.
+
     Returns (the blocks before the tail, the tail of ``max(1, round(n * val_fraction))`` blocks).
     """
     from lit_prune.data import PruneDataModule
