@@ -72,7 +72,8 @@ class MaskSearch(PruneStage):
         refine: What happens to the learned mask when training ends, on the calibration batches (the first
             ``importance_batches`` training batches in dataset order), by the search's own KL. ``none``: keep the
             gate's hard mask. ``select``: the lowest-KL mask among the gate's hard mask, its initialisation and (E3)
-            the last ``refine_samples`` distinct masks sampled at the full budget. ``polish``: ``select``, then a
+            the last ``refine_samples`` distinct masks sampled at the full budget and the best contiguous window
+            (a window scan of the same objective: L - n + 1 more mask evaluations). ``polish``: ``select``, then a
             local search from it (E3: swap a dropped and a kept layer at most ``refine_radius`` apart; CLP: move a
             segment by one layer) while the KL improves. The cost is reported in mask.json (``extra.refine``).
         refine_samples: How many of the last sampled full-budget masks ``refine`` considers (E3).
@@ -356,6 +357,11 @@ class MaskSearch(PruneStage):
             candidates["init"] = tuple(int(i) for i in torch.nonzero(~self.init_keep.cpu()).flatten())
         for keep in self.sampled_keep[self.sampled_valid].cpu():
             candidates.setdefault(f"sampled_{len(candidates)}", tuple(int(i) for i in torch.nonzero(~keep).flatten()))
+        if not isinstance(self.gate, ConcaveGate):
+            # A scan-seeded start: the best contiguous window of the same objective (L - n + 1 mask evaluations). The
+            # Gumbel search can end far from it (Gemma 3 270M, 4 of 18: calibration KL 1.25 vs the window's 0.98).
+            starts = _window_starts(self.num_layers, self.num_drop, self.gate.protect_first, self.gate.protect_last)
+            candidates["window"] = best_of(objective, [tuple(range(s, s + self.num_drop)) for s in starts])[0]
         drop, kl = best_of(objective, candidates.values())
         chosen = next(name for name, value in candidates.items() if value == drop)
         rounds = 0

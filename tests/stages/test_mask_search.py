@@ -194,6 +194,22 @@ def test_e3_greedy_init_and_polish_reach_a_swap_local_optimum(tiny_checkpoint, t
     assert int(module.sampled_valid.sum()) >= 1
 
 
+def test_e3_selection_considers_the_best_window(tiny_checkpoint, tiny_text, tmp_path):
+    # The learned mask is pinned (lr 0) to a non-contiguous pair; selection must still see the best window.
+    gate = lambda n, k: GumbelTopKGate(n, k, protect_first=1, protect_last=1, init_logits=[0, -5, 0, -5, 0, 0])  # noqa: E731
+    module = MaskSearch(str(tiny_checkpoint), gate=gate, num_drop=2, ratio=None, importance_batches=2, refine="select",
+                        refine_samples=0, optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
+    data = _data(tiny_checkpoint, tiny_text)
+    _trainer(tmp_path, steps=2).fit(module, datamodule=data)
+    report = module.refine_report
+    objective = _calibration_objective(module, data)
+    window = min((tuple(range(s, s + 2)) for s in range(1, 4)), key=lambda w: (objective(w), w))
+    assert report["learned_drop"] == [1, 3] and report["candidates"] == 2
+    assert objective(window) < objective((1, 3))  # the case this test is about
+    assert report["chosen"] == "window" and tuple(report["drop"]) == window
+    assert report["calibration_kl"] == pytest.approx(objective(window))
+
+
 def test_e3_same_seed_and_resume_give_the_same_refined_mask(tiny_checkpoint, tiny_text, tmp_path):
     class SaveAt(L.Callback):  # what a ModelCheckpoint does mid-run
         def on_train_batch_end(self, trainer, *args):
