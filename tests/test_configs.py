@@ -38,9 +38,9 @@ def tiny_mask(tiny_checkpoint, tmp_path_factory) -> Path:
 def tiny_teacher_cache(tiny_checkpoint, tiny_text, tmp_path_factory) -> Path:
     from lit_prune.teacher_cache_cli import cache_teacher_main
 
-    out = tmp_path_factory.mktemp("teacher_cache") / "k10"
+    out = tmp_path_factory.mktemp("teacher_cache") / "k15"  # the shipped cached config reads K = 15
     cache_teacher_main(["--model", str(tiny_checkpoint), "--text-files", str(tiny_text), "--max-length", "32",
-                        "--val-fraction", "0.1", "--k", "10", "--out", str(out)])
+                        "--val-fraction", "0.1", "--k", "15", "--out", str(out)])
     return out
 
 

@@ -43,7 +43,7 @@ LoraLayers = Literal["all", "endpoints"]
 
 
 class Distill(RecoveryStage):
-    """Distill a dense teacher into the layer-pruned student, weighting each token's KL by the teacher's entropy.
+    """Distill a dense teacher into the layer-pruned student (optionally weighting each token's KL by its entropy).
 
     The student, teacher, endpoint and LoRA settings (``teacher``, ``kd_temperature``, ``width``,
     ``endpoint_layers_override``, ``target_modules``, ``r``, ``alpha``, ``dropout``, ``lora_options``, ...) are
@@ -65,8 +65,8 @@ class Distill(RecoveryStage):
         kd_share: Share of the KD term: ``(1 - kd_share) * CE + kd_share * KD``; 1 = pure KD, 0 = plain CE (then no
             teacher is loaded).
         kl_direction: ``forward`` = KL(teacher || student), ``reverse`` = KL(student || teacher).
-        weighting: Per-token weight from the teacher entropy H: ``normalized`` = H / mean(H) (mean 1), ``linear`` =
-            1 + beta * H, ``none`` = plain KD; or ``student_selective`` (SE-KD, arXiv 2602.01395): distil only the
+        weighting: Per-token weight from the teacher entropy H: ``none`` = plain KD (the default: it measured best,
+            docs/recovery.md), ``normalized`` = H / mean(H) (mean 1; E3-Pruner's recipe), ``linear`` = 1 + beta * H; or ``student_selective`` (SE-KD, arXiv 2602.01395): distil only the
             ``select_fraction`` of each sequence's tokens where the *student's* entropy is highest (mean weight 1).
         beta: Slope of the ``linear`` weighting.
         select_fraction: Share of tokens ``student_selective`` distils, in (0, 1] (default 0.2, the paper's top 20%;
@@ -88,7 +88,7 @@ class Distill(RecoveryStage):
         cache_variant: CacheVariant | None = None,
         kd_share: float = 1.0,
         kl_direction: Direction = "forward",
-        weighting: Weighting = "normalized",
+        weighting: Weighting = "none",
         beta: float = 1.0,
         select_fraction: float = 0.2,
         train: TrainScope = "lora",

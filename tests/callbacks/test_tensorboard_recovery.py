@@ -22,7 +22,7 @@ def distill_run(tiny_checkpoint, tiny_text, tmp_path_factory) -> tuple[Path, L.T
     mask.write_text(json.dumps({"model": str(tiny_checkpoint), "num_layers": 6, "drop": [2, 3]}))
     # An online teacher cut to its top-4 ids with the tail bucket: the form a v2 cache carries.
     module = Distill(str(tiny_checkpoint), mask=str(mask), teacher=str(tiny_checkpoint), teacher_k=4,
-                     cache_variant="tail", kd_share=0.5, r=4, alpha=8.0, dropout=0.0,
+                     cache_variant="tail", weighting="normalized", kd_share=0.5, r=4, alpha=8.0, dropout=0.0,
                      optimizer=lambda p: torch.optim.Adam(p, lr=0.01))
     data = PruneDataModule(tokenizer=str(tiny_checkpoint), text_files=[str(tiny_text)], max_length=32, batch_size=2,
                            val_fraction=0.2)
