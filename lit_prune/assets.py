@@ -175,6 +175,27 @@ def gemma3_folder() -> Path:
         return convert_gguf(gguf_file, target, name_or_path=GEMMA3_ID)
 
 
+TOKENIZER_PROBE = "The quick brown fox jumps over the lazy dog, and the encyclopedia describes it at length."
+
+
+def check_subword_tokenizer(tokenizer, source: str) -> None:
+    """Refuse a tokenizer that splits English into single characters.
+
+    Some transformers versions rebuild the Gemma 3 GGUF tokenizer that way (5.17 did; 5.24 does not). Every block would
+    then hold about a quarter of the text, and perplexities, masks and task scores measured with it would be wrong.
+    """
+    ids = tokenizer(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
+    if len(ids) > len(TOKENIZER_PROBE) // 2:
+        import transformers
+
+        raise AssetError(
+            f"The tokenizer that transformers {transformers.__version__} builds from {source} splits English into "
+            f"characters ({len(ids)} tokens for {len(TOKENIZER_PROBE)} characters; a subword tokenizer needs about "
+            f"20). Results measured with it would be wrong. Upgrade transformers (5.24 converts it correctly), then "
+            "run `python -m lit_prune assets --model ...` again."
+        )
+
+
 def convert_gguf(gguf_file: str | Path, target: str | Path, name_or_path: str | None = None) -> Path:
     """Dequantise a GGUF checkpoint with transformers and save it once as a plain safetensors folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -183,8 +204,9 @@ def convert_gguf(gguf_file: str | Path, target: str | Path, name_or_path: str | 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
         tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+        check_subword_tokenizer(tokenizer, gguf_file.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
         if getattr(model, "hf_quantizer", None) is not None:
             # Without this, save_pretrained records a GGUF "quantization" that the saved dense weights do not have.
             model.hf_quantizer.remove_quantization_config(model)

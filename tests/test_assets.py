@@ -61,3 +61,17 @@ def test_offline_model_aliases():
     assert assets.canonical_model_id("offline:gemma3-270m") == "google/gemma-3-270m"
     with pytest.raises(ValueError, match="offline:gemma3-270m"):
         assets.resolve_pretrained("offline:gemma-9000")
+
+
+def test_a_character_level_tokenizer_is_refused_before_the_model_converts():
+    class Characters:  # what a broken GGUF tokenizer conversion gives
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": [ord(c) for c in text]}
+
+    class Words:
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": list(range(len(text.split())))}
+
+    assets.check_subword_tokenizer(Words(), "model.gguf")
+    with pytest.raises(assets.AssetError, match=r"model\.gguf splits English into characters .*Upgrade transformers"):
+        assets.check_subword_tokenizer(Characters(), "model.gguf")

@@ -556,12 +556,14 @@ def test_layers_are_restored_even_after_an_error():
         raise RuntimeError("boom")
 
     layers = decoder_layers(model)
+    own_hooks = [dict(layer._forward_pre_hooks) for layer in layers]  # the gating's own (cut-layer) pre-hooks
     with pytest.raises(RuntimeError, match="boom"):
         with scorers._forwards_replaced(layers, {1: scorers._pass_through, 3: broken}):
             model(input_ids=batches[0])
     assert all("forward" not in layer.__dict__ for layer in layers)
     window_scan(model, gating, batches, 2)
-    assert all("forward" not in layer.__dict__ and not layer._forward_pre_hooks for layer in layers)
+    assert all("forward" not in layer.__dict__ for layer in layers)
+    assert [dict(layer._forward_pre_hooks) for layer in layers] == own_hooks  # the recording hooks are gone
     # An instance-level forward (e.g. a device-map hook) comes back as it was.
     custom = layers[2].forward
     layers[2].forward = custom
