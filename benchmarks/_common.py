@@ -280,3 +280,10 @@ def kd_stage(folder: str, mask: str, lr: float, variant: str, size: int | None, 
     return Distill(pretrained=folder, mask=mask, dtype="bfloat16", optimizer=optimizer, allow_model_mismatch=True,
                    target_modules=LLAMA_PROJECTIONS, weighting=weighting, select_fraction=select_fraction,
                    train="lora", lora_layers="all", **teacher)
+
+
+def recovery_results(args, base: dict, **extra) -> dict:
+    """The head of a recovery benchmark's results: machine, arguments, block counts, tokens per variant, baselines."""
+    return {"machine": machine(), "args": vars(args), "train_blocks": len(base["train"]),
+            "val_blocks": len(base["val"]), "tokens_per_variant": args.steps * args.batch * args.seq,
+            "dense_ppl": base["dense_ppl"], "pruned_ppl": base["pruned_ppl"], **extra, "variants": {}}

@@ -31,10 +31,10 @@ from benchmarks._common import (
     cache_name,
     fit_seconds,
     kd_stage,
-    machine,
     parse_kd_variant,
     perplexity,
     recovery_baseline,
+    recovery_results,
     write_json,
 )
 
@@ -60,10 +60,8 @@ def main() -> None:
     base = recovery_baseline(args, device)
     folder, mask, train, val = base["folder"], base["mask"], base["train"], base["val"]
     dense_ppl, pruned_ppl = base["dense_ppl"], base["pruned_ppl"]
-    tokens = args.steps * args.batch * args.seq
-    results = {"machine": machine(), "args": vars(args), "train_blocks": len(train), "val_blocks": len(val),
-               "tokens_per_variant": tokens, "dense_ppl": dense_ppl, "pruned_ppl": pruned_ppl, "caches": {},
-               "variants": {}}
+    results = recovery_results(args, base, caches={})
+    tokens = results["tokens_per_variant"]
 
     root = Path(tempfile.mkdtemp())
     for name in sorted({cache_name(v, s) for v, s in variants.values() if s}):

@@ -24,9 +24,9 @@ import torch
 from benchmarks._common import (
     add_recovery_arguments,
     fit_seconds,
-    machine,
     perplexity,
     recovery_baseline,
+    recovery_results,
     write_json,
 )
 from lit_prune import Distill, EndpointLoRA
@@ -49,9 +49,8 @@ def main() -> None:
     base = recovery_baseline(args, device)
     folder, mask, train, val = base["folder"], base["mask"], base["train"], base["val"]
     dense_ppl, pruned_ppl = base["dense_ppl"], base["pruned_ppl"]
-    tokens = args.steps * args.batch * args.seq
-    results = {"machine": machine(), "args": vars(args), "train_blocks": len(train), "val_blocks": len(val),
-               "tokens_per_variant": tokens, "dense_ppl": dense_ppl, "pruned_ppl": pruned_ppl, "variants": {}}
+    results = recovery_results(args, base)
+    tokens = results["tokens_per_variant"]
 
     cache_dir = None
     if any(v.endswith("_cached") for v in args.variants):
