@@ -31,6 +31,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -372,11 +373,14 @@ def compensate_from_text(
     context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     blocks = calibration_blocks(tokenizer, files, calib_tokens, min(max_length, context or max_length))
     fits = compensate_linear(model, drop, blocks.split(batch_size), ridge)
+    return fits_report(fits, calib_files=[Path(f).name for f in files], calib_tokens=int(blocks.numel()), ridge=ridge)
+
+
+def fits_report(fits: Sequence[SegmentFit], **calibration: Any) -> dict:
+    """JSON-able record of the fitted maps (for mask.json): the calibration settings, then one entry per segment."""
     return {
         "method": "linear",
-        "calib_files": [Path(f).name for f in files],
-        "calib_tokens": int(blocks.numel()),
-        "ridge": ridge,
+        **calibration,
         "segments": [{"segment": [f.start, f.end], "folded_into_layer": f.layer,
                       "calib_relative_error": [round(f.relative_error(), 6), round(f.relative_error(f.transform), 6)]}
                      for f in fits],

@@ -66,8 +66,9 @@ class Distill(RecoveryStage):
             teacher is loaded).
         kl_direction: ``forward`` = KL(teacher || student), ``reverse`` = KL(student || teacher).
         weighting: Per-token weight from the teacher entropy H: ``none`` = plain KD (the default: it measured best,
-            docs/recovery.md), ``normalized`` = H / mean(H) (mean 1; E3-Pruner's recipe), ``linear`` = 1 + beta * H; or ``student_selective`` (SE-KD, arXiv 2602.01395): distil only the
-            ``select_fraction`` of each sequence's tokens where the *student's* entropy is highest (mean weight 1).
+            docs/recovery.md), ``normalized`` = H / mean(H) (mean 1; E3-Pruner's recipe), ``linear`` = 1 + beta * H;
+            or ``student_selective`` (SE-KD, arXiv 2602.01395): distil only the ``select_fraction`` of each
+            sequence's tokens where the *student's* entropy is highest (mean weight 1).
         beta: Slope of the ``linear`` weighting.
         select_fraction: Share of tokens ``student_selective`` distils, in (0, 1] (default 0.2, the paper's top 20%;
             1 = plain KD).

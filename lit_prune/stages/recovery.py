@@ -121,6 +121,7 @@ class RecoveryStage(PruneStage):
         self.save_adapter = save_adapter
         self.mask, self.drop_now = self._resolve_mask(mask)
         self.compensate, self.compensate_tokens, self.compensate_ridge = compensate, compensate_tokens, compensate_ridge
+        self.compensation: dict | None = None  # what compensate_cut fitted, recorded in mask.json
         if compensate is not None:  # training-free map before the cut (components/compensate.py), checked here
             if not self.drop_now:
                 raise ValueError(
@@ -273,7 +274,11 @@ class RecoveryStage(PruneStage):
         seq = len(train_set[0]["input_ids"])
         count = min(len(train_set), -(-self.compensate_tokens // seq))  # unshuffled: a resumed run refits the same map
         blocks = torch.stack([torch.as_tensor(train_set[i]["input_ids"]) for i in range(count)])
-        compensation.compensate_linear(self.model, self.drop_now, blocks.split(4), self.compensate_ridge)
+        fits = compensation.compensate_linear(self.model, self.drop_now, blocks.split(4), self.compensate_ridge)
+        self.compensation = compensation.fits_report(
+            fits, calib="first training blocks", calib_tokens=int(blocks.numel()), ridge=self.compensate_ridge
+        )
+        self.print(compensation.describe_fits(fits))
 
     def load_teacher(self, teacher: str) -> None:
         """Load a frozen dense teacher in the student's dtype (a registered submodule, stripped from checkpoints)."""
@@ -307,6 +312,8 @@ class RecoveryStage(PruneStage):
         recovery: dict[str, Any] = {"stage": type(self).__name__, "endpoints": self.endpoints}
         if self._trainer is not None:
             recovery["global_step"] = int(self.trainer.global_step)
+        if self.compensation is not None:
+            recovery["compensation"] = self.compensation
         if self.mask is None:
             # Already pruned, origin unknown: nothing more is dropped here.
             return MaskArtifact(

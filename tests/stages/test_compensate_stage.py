@@ -40,6 +40,13 @@ def test_endpoint_lora_compensates_before_the_cut(tiny_checkpoint, tiny_mask, ti
     (got,) = weights.values()
     torch.testing.assert_close(got, expected.model.layers[1].mlp.down_proj.weight)
     assert not torch.allclose(got, plain)
+    # mask.json says what was fitted, as `export --compensate linear` does
+    record = module.mask_artifact().extra["recovery"]["compensation"]
+    assert record["calib_tokens"] == 64 and record["ridge"] == 0.0
+    ((segment),) = record["segments"]
+    assert segment["segment"] == [2, 4] and segment["folded_into_layer"] == 1
+    before, after = segment["calib_relative_error"]
+    assert after < before
 
 
 def test_compensate_is_checked_before_weights_load(tiny_checkpoint, tiny_mask, tmp_path, monkeypatch):

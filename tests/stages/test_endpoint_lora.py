@@ -180,8 +180,9 @@ def test_shared_recovery_settings_are_declared_once():
 
 
 def test_lora_dropout_on_fused_moe_experts_is_refused_before_weights_load(tmp_path, monkeypatch):
-    import lit_prune.hf as hf
     from tiny import char_tokenizer, tiny_model
+
+    import lit_prune.hf as hf
 
     # DeepSeek-V3: `down_proj` names the shared expert's Linear and, for peft, the experts' fused weight too.
     folder = tmp_path / "deepseek_v3"
