@@ -21,6 +21,9 @@ SHAPES = {
                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192),
+    # For checking a script on a CPU: the same code path in seconds.
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1000, max_position_embeddings=512),
 }
 
 
@@ -287,3 +290,30 @@ def recovery_results(args, base: dict, **extra) -> dict:
     return {"machine": machine(), "args": vars(args), "train_blocks": len(base["train"]),
             "val_blocks": len(base["val"]), "tokens_per_variant": args.steps * args.batch * args.seq,
             "dense_ppl": base["dense_ppl"], "pruned_ppl": base["pruned_ppl"], **extra, "variants": {}}
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer (printable ASCII), saved beside the random weights."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{chr(c): i + 3 for i, c in enumerate(range(32, 127))}}
+    vocab["\n"] = len(vocab)
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>")
+
+
+def write_text(path: Path, characters: int) -> None:
+    """Seeded pseudo-words: one token per character with the character tokenizer."""
+    generator = torch.Generator().manual_seed(0)
+    letters = "etaoinshrdlucmfwypvbgkqjxz"
+    words, size = [], 0
+    while size < characters:
+        length = int(torch.randint(2, 9, (1,), generator=generator))
+        word = "".join(letters[int(i)] for i in torch.randint(0, len(letters), (length,), generator=generator))
+        words.append(word)
+        size += length + 1
+    lines = [" ".join(words[i : i + 16]) for i in range(0, len(words), 16)]
+    path.write_text("\n".join(lines) + "\n")

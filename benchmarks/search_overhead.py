@@ -39,8 +39,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from benchmarks._common import machine, timed, write_json
-from benchmarks.time_to_mask import SHAPES, char_tokenizer, write_text
+from benchmarks._common import SHAPES, char_tokenizer, machine, timed, write_json, write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI_CONFIG = "configs/clp_llama2_7b.yaml"

@@ -32,49 +32,15 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._common import SHAPES as _SHAPES
-from benchmarks._common import machine, write_json
+from benchmarks._common import SHAPES, char_tokenizer, machine, write_json, write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 
-SHAPES = {
-    **_SHAPES,
-    # For checking the script on a CPU: the same code path, a few seconds per method.
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=1000, max_position_embeddings=512),
-}
 METHODS = ["block_influence", "angular", "window_scan", "sleb", "kl_importance"]
 NAMES = {"block_influence": "block influence", "angular": "angular", "window_scan": "window scan", "sleb": "SLEB",
          "kl_importance": "KL importance"}
 TARGETS = {"window_scan": 20.0, "sleb": 120.0}  # seconds of fit loop at the 8B shape on one H200
 RESULT_TAG = "TIME_TO_MASK_RESULT "
-
-
-def char_tokenizer():
-    """A character-level fast tokenizer (printable ASCII), saved beside the random weights."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{chr(c): i + 3 for i, c in enumerate(range(32, 127))}}
-    vocab["\n"] = len(vocab)
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="</s>")
-
-
-def write_text(path: Path, characters: int) -> None:
-    """Seeded pseudo-words: one token per character with the character tokenizer."""
-    generator = torch.Generator().manual_seed(0)
-    letters = "etaoinshrdlucmfwypvbgkqjxz"
-    words, size = [], 0
-    while size < characters:
-        length = int(torch.randint(2, 9, (1,), generator=generator))
-        word = "".join(letters[int(i)] for i in torch.randint(0, len(letters), (length,), generator=generator))
-        words.append(word)
-        size += length + 1
-    lines = [" ".join(words[i : i + 16]) for i in range(0, len(words), 16)]
-    path.write_text("\n".join(lines) + "\n")
 
 
 def build(args, work: Path) -> Path:
