@@ -322,6 +322,11 @@ class MaskSearch(PruneStage):
     def _candidates(self) -> list[int]:
         return candidate_layers(self.num_layers, self.num_drop, self.gate.protect_first, self.gate.protect_last)
 
+    def _best_window(self, objective) -> tuple[tuple[int, ...], float]:
+        """The window of ``num_drop`` contiguous layers with the lowest objective (an exact scan), and its value."""
+        starts = _window_starts(self.num_layers, self.num_drop, self.gate.protect_first, self.gate.protect_last)
+        return best_of(objective, [tuple(range(s, s + self.num_drop)) for s in starts])
+
     def _init_from_calibration(self) -> None:
         """``kl_greedy`` (E3 logits) or ``window_scan`` (CLP segment start) on the calibration batches."""
         objective = mask_kl_objective(self.model, self.gating, self._calibration_batches(), self.kl_direction)
@@ -332,8 +337,7 @@ class MaskSearch(PruneStage):
                 self.gate.logits.copy_(logits.to(self.gate.logits))
             self.print(f"Greedy KL importance per layer: {[round(v, 4) for v in importance]}")
         else:
-            starts = _window_starts(self.num_layers, self.num_drop, self.gate.protect_first, self.gate.protect_last)
-            drop, kl = best_of(objective, [tuple(range(s, s + self.num_drop)) for s in starts])
+            drop, kl = self._best_window(objective)
             self.gate.set_starts_([drop[0]])
             self.print(f"Window scan start: layers [{drop[0]}, {drop[-1] + 1}) with calibration KL {kl:.4f}")
         self._remember_init()
@@ -360,8 +364,7 @@ class MaskSearch(PruneStage):
         if not isinstance(self.gate, ConcaveGate):
             # A scan-seeded start: the best contiguous window of the same objective (L - n + 1 mask evaluations). The
             # Gumbel search can end far from it (Gemma 3 270M, 4 of 18: calibration KL 1.25 vs the window's 0.98).
-            starts = _window_starts(self.num_layers, self.num_drop, self.gate.protect_first, self.gate.protect_last)
-            candidates["window"] = best_of(objective, [tuple(range(s, s + self.num_drop)) for s in starts])[0]
+            candidates["window"] = self._best_window(objective)[0]
         drop, kl = best_of(objective, candidates.values())
         chosen = next(name for name, value in candidates.items() if value == drop)
         rounds = 0
