@@ -161,6 +161,31 @@ def generate_tokens_per_s(model, new_tokens: int, prompt_tokens: int = 32, repea
     return new_tokens / sorted(times)[len(times) // 2]
 
 
+def frozen_model(folder: str, dtype: str, device: str):
+    """A causal LM in eval mode with every parameter frozen (what the mask scorers expect)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def held_out_kl_scorer(model, gating, batches: list[torch.Tensor], device: str):
+    """``drop -> KL(dense || model without drop)`` on ``batches``; the dense logits are computed once."""
+    from lit_prune.components.scorers import output_kl, teacher_logits_for
+
+    teacher = teacher_logits_for(model, gating, batches)
+    if device == "cuda":  # kept on the GPU: Gemma's 262k-vocab logits (17 GB for 64 x 256 tokens) cost seconds per trip
+        teacher = [t.to(device) for t in teacher]
+
+    def held_out_kl(drop) -> float:
+        keep = torch.tensor([i not in set(drop) for i in range(gating.num_layers)], dtype=torch.float32)
+        return output_kl(model, gating, batches, keep, teacher_logits=teacher)
+
+    return held_out_kl
+
+
 def write_json(path: str | None, payload: dict) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -27,12 +27,12 @@ import time
 import lightning as L
 import torch
 
-from benchmarks._common import machine, shuffled_loader, text_blocks, write_json
+from benchmarks._common import frozen_model, held_out_kl_scorer, machine, shuffled_loader, text_blocks, write_json
 from lit_prune import ConcaveGate, GumbelTopKGate, MaskSearch
 from lit_prune.assets import resolve_pretrained, resolve_text_source
 from lit_prune.callbacks import TemperatureSchedule, TopKAnnealing
 from lit_prune.components.gating import LayerGating
-from lit_prune.components.scorers import output_kl, score, teacher_logits_for
+from lit_prune.components.scorers import score
 
 BASELINES = ["window_scan", "block_influence", "angular", "sleb", "kl_importance", "tail", "random"]
 
@@ -109,10 +109,12 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--bf16-mixed", action="store_true")
     parser.add_argument("--skip-repro", action="store_true")
+    parser.add_argument("--skip-window-table", action="store_true",
+                        help="Do not score every contiguous window on the held-out text (L - n - 1 evaluations).")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     folder = resolve_pretrained(args.model)
@@ -126,31 +128,36 @@ def main() -> None:
     val = val[: args.val_blocks]
     calib = [b.to(device) for b in train[: args.calib_batches * args.batch].split(args.batch)]
     held_out = [b.to(device) for b in val.split(args.batch)]
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype)).to(device).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model = frozen_model(folder, args.dtype, device)
     gating = LayerGating(model)
     num_layers = gating.num_layers
-    val_teacher = teacher_logits_for(model, gating, held_out)
-    if device == "cuda":  # kept on the GPU: Gemma's 262k-vocab logits (17 GB for 64 x 256 tokens) cost seconds per trip
-        val_teacher = [t.to(device) for t in val_teacher]
-
-    def held_out_kl(drop: list[int]) -> float:
-        keep = torch.tensor([i not in set(drop) for i in range(num_layers)], dtype=torch.float32)
-        return output_kl(model, gating, held_out, keep, teacher_logits=val_teacher)
+    held_out_kl = held_out_kl_scorer(model, gating, held_out, device)
 
     rows, results = [], {"machine": machine(), "args": vars(args), "train_blocks": len(train),
                           "val_blocks": len(val), "ratios": {}}
     budgets = args.num_drop or [round(ratio * num_layers) for ratio in args.ratios]
+    # SLEB removes one layer at a time, so its mask at a smaller budget is a prefix of its removal order at the largest:
+    # one run serves every budget (its time is charged to each budget in full, as a run at that budget would cost less).
+    sleb_run: dict = {}
+    if "sleb" in args.methods:
+        start = time.perf_counter()
+        selection = score("sleb", model, gating, calib, max(budgets), protect_first=1, protect_last=1, seed=0)
+        sleb_run = {"order": [int(i) for i in selection.details["order"]], "seconds": time.perf_counter() - start}
     for num_drop in budgets:
         ratio = f"{num_drop}/{num_layers}"
         entry: dict = {"num_drop": num_drop, "methods": {}}
         for name in [m for m in BASELINES if m in args.methods]:
             start = time.perf_counter()
+            if name == "sleb":
+                drop = sorted(sleb_run["order"][:num_drop])
+                entry["methods"][name] = {"drop": drop, "kl": held_out_kl(drop), "seconds": sleb_run["seconds"],
+                                          "order": sleb_run["order"][:num_drop]}
+                continue
             selection = score(name, model, gating, calib, num_drop, protect_first=1, protect_last=1, seed=0)
             entry["methods"][name] = {"drop": selection.drop, "kl": held_out_kl(selection.drop),
                                       "seconds": time.perf_counter() - start}
-        scan_all = {s: held_out_kl(list(range(s, s + num_drop))) for s in range(1, num_layers - 1 - num_drop + 1)}
+        scan_all = ({} if args.skip_window_table else
+                    {s: held_out_kl(list(range(s, s + num_drop))) for s in range(1, num_layers - 1 - num_drop + 1)})
         entry["held_out_window_kl"] = scan_all
         for kind in [m for m in SEARCHES if m in args.methods]:
             start = time.perf_counter()
@@ -171,7 +178,7 @@ def main() -> None:
                 "e3_same_seed_same_mask": e3_again == entry["methods"]["e3"]["drop"],
             }
         scan = entry["methods"].get("window_scan")
-        scan_kl = scan["kl"] if scan else min(scan_all.values())
+        scan_kl = scan["kl"] if scan else min(scan_all.values(), default=float("nan"))
         for name, m in entry["methods"].items():
             rows.append((ratio, name, m["drop"], m["kl"], m["kl"] / scan_kl - 1, m["seconds"]))
         results["ratios"][str(ratio)] = entry

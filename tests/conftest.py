@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 # Tests never reach a hub; set before transformers/datasets are imported anywhere.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
-os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="lit_prune_hf_home_"))
+if "HF_HOME" not in os.environ:
+    # A private, throw-away HF home (each pytest process made one and left it behind before).
+    os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="lit_prune_hf_home_")
+    atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from pathlib import Path  # noqa: E402
