@@ -4,6 +4,10 @@
         --start 12,13,14,15,16,17,18,26 --start 12,13,14,16,17,18 --radius 2 0 --compare 5,12,13,14,16,17,18,26 \
         --out refine_check.json
 
+A start is a comma-separated layer list, ``greedy:N`` (the greedy KL removal of N layers that E3's default
+``importance_init: kl_greedy`` starts from, one of the refinement's candidates) or ``window:N`` (the best window of
+N layers, the refinement's window candidate), both on the same objective.
+
 Rebuilds ``MaskSearch``'s refinement objective (mean token KL(dense || pruned) on the first ``--calib-batches`` x
 ``--batch`` blocks of the calibration text, as ``benchmarks.search_quality`` feeds them to the search) and runs
 ``swap_search`` from each ``--start`` mask with each ``--radius`` (0 = any pair, ``refine_radius: null``). Every
@@ -22,7 +26,7 @@ import torch
 from benchmarks._common import frozen_model, held_out_kl_scorer, machine, text_blocks, write_json
 from lit_prune.assets import resolve_pretrained, resolve_text_source
 from lit_prune.components.gating import LayerGating
-from lit_prune.components.refine import mask_kl_objective, swap_search
+from lit_prune.components.refine import best_of, greedy_removal, mask_kl_objective, swap_search
 from lit_prune.components.scorers import candidate_layers
 
 
@@ -30,12 +34,36 @@ def parse_drop(text: str) -> tuple[int, ...]:
     return tuple(sorted(int(i) for i in text.split(",") if i.strip()))
 
 
+def parse_start(text: str) -> str | tuple[int, ...]:
+    kind, sep, count = text.partition(":")
+    if sep:
+        if kind not in ("greedy", "window") or not count.isdigit():
+            raise argparse.ArgumentTypeError(f"expected LAYERS, greedy:N or window:N, got {text!r}")
+        return text
+    return parse_drop(text)
+
+
+def resolve_start(start, objective, num_layers: int, protect_first: int, protect_last: int) -> tuple[int, ...]:
+    """A start spec as a drop tuple: greedy removal or the best window on ``objective``, or the given layers."""
+    if not isinstance(start, str):
+        return start
+    kind, count = start.split(":")
+    num_drop = int(count)
+    candidates = candidate_layers(num_layers, num_drop, protect_first, protect_last)
+    if kind == "greedy":
+        order, _ = greedy_removal(objective, candidates, num_drop)
+        return tuple(sorted(order))
+    windows = [tuple(range(s, s + num_drop)) for s in candidates if s + num_drop - 1 <= candidates[-1]]
+    return best_of(objective, windows)[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="offline:smollm2-135m")
     parser.add_argument("--text", nargs="+", default=["offline:shakespeare"])
     parser.add_argument("--held-out-text", nargs="+", default=[])
-    parser.add_argument("--start", action="append", type=parse_drop, required=True, help="Comma-separated layers.")
+    parser.add_argument("--start", action="append", type=parse_start, required=True,
+                        help="Comma-separated layers, greedy:N or window:N.")
     parser.add_argument("--compare", action="append", type=parse_drop, default=[], help="Masks only scored.")
     parser.add_argument("--radius", nargs="+", type=int, default=[2, 0], help="0 = any pair.")
     parser.add_argument("--seq", type=int, default=256)
@@ -47,7 +75,6 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    sizes = {len(d) for d in args.start + args.compare}
 
     from transformers import AutoTokenizer
 
@@ -72,11 +99,16 @@ def main() -> None:
         return {"drop": list(drop), "calibration_kl": objective(drop), **{n: f(drop) for n, f in scorers.items()}}
 
     results = {"machine": machine(), "args": vars(args), "calibration_blocks": len(calib) * args.batch,
-               "held_out_blocks": {n: len(b) for n, b in held.items()}, "runs": [], "compare": []}
+               "held_out_blocks": {n: len(b) for n, b in held.items()}, "starts": [], "runs": [], "compare": []}
     rows = []
-    for start_drop in args.start:
+    for start in args.start:
+        tic = time.perf_counter()
+        start_drop = resolve_start(start, objective, num_layers, args.protect_first, args.protect_last)
+        results["starts"].append({"start": start if isinstance(start, str) else list(start), "drop": list(start_drop),
+                                  "seconds": time.perf_counter() - tic})
         candidates = candidate_layers(num_layers, len(start_drop), args.protect_first, args.protect_last)
-        rows.append(("start", start_drop, scored(start_drop), 0, 0, 0.0))
+        rows.append((f"start {start if isinstance(start, str) else ''}".strip(), start_drop, scored(start_drop), 0, 0,
+                     results["starts"][-1]["seconds"]))
         for radius in args.radius:
             before = objective.evaluations
             tic = time.perf_counter()
@@ -92,7 +124,8 @@ def main() -> None:
         rows.append(("compare", drop, results["compare"][-1], 0, 0, 0.0))
     write_json(args.out, results)
     names = list(scorers)
-    print(f"\nmachine: {results['machine']}; budgets {sorted(sizes)} of {num_layers}; calibration "
+    sizes = sorted({len(r[1]) for r in rows})
+    print(f"\nmachine: {results['machine']}; budgets {sizes} of {num_layers}; calibration "
           f"{args.calib_batches} x {args.batch} x {args.seq}; held-out: {results['held_out_blocks']}")
     print("| what | mask | calibration KL | " + " | ".join(names) + " | moves | new masks | seconds |")
     print("|---|---|---|" + "---|" * len(names) + "---|---|---|")
