@@ -101,6 +101,10 @@ def main() -> None:
     results = {"machine": machine(), "args": vars(args), "calibration_blocks": len(calib) * args.batch,
                "held_out_blocks": {n: len(b) for n, b in held.items()}, "starts": [], "runs": [], "compare": []}
     rows = []
+    for drop in args.compare:  # first: cheap, and kept if a long local search is cut short
+        results["compare"].append(scored(drop))
+        rows.append(("compare", drop, results["compare"][-1], 0, 0, 0.0))
+    write_json(args.out, results)
     for start in args.start:
         tic = time.perf_counter()
         start_drop = resolve_start(start, objective, num_layers, args.protect_first, args.protect_last)
@@ -119,10 +123,6 @@ def main() -> None:
             results["runs"].append(run)
             rows.append((f"radius {radius or 'any'}", drop, run, moves, run["masks_evaluated"], run["seconds"]))
             write_json(args.out, results)
-    for drop in args.compare:
-        results["compare"].append(scored(drop))
-        rows.append(("compare", drop, results["compare"][-1], 0, 0, 0.0))
-    write_json(args.out, results)
     names = list(scorers)
     sizes = sorted({len(r[1]) for r in rows})
     print(f"\nmachine: {results['machine']}; budgets {sizes} of {num_layers}; calibration "
