@@ -26,7 +26,9 @@ int8=runs/demo/pruned-int8 nf4=runs/demo/pruned@bnb-nf4 --text-files offline:bri
 Writes into ``--out``: ``results.json`` (rewritten after every model and task, so a stopped run keeps what it
 computed; ``"complete": false`` until the end), ``rows/<model>/<task>.json`` (per-row correctness, for paired
 differences across runs), and at the end ``results.md`` (a Markdown table) and ``retention.png`` (with matplotlib).
-``--resume`` continues a stopped run in the same folder, skipping what is already there.
+``--resume`` continues a stopped run in the same folder, skipping what is already there; models of earlier runs that
+a resumed run does not ask for stay in ``results.json`` under ``set_aside``, so asking for them again later does not
+score them again.
 """
 
 from __future__ import annotations
@@ -570,11 +572,16 @@ def finish_results(results: dict[str, Any], rows: dict[str, dict[str, dict[str, 
     return results
 
 
+def _previous_models(previous: dict[str, Any]) -> dict[str, Any]:
+    """Every model a results file holds: the ones its run asked for and the ones it kept aside from earlier runs."""
+    return {**previous.get("set_aside", {}), **previous.get("models", {})}
+
+
 def _check_resumable(previous: dict[str, Any], protocol: dict[str, Any], models: dict[str, str], out: Path) -> None:
     """A resumed run must measure what the stopped one measured (same protocol, same models under the same names)."""
     keys = ("perplexity", "tasks", "limit", "num_fewshot", "dtype", "batch_size")
     changed = [k for k in keys if previous.get("protocol", {}).get(k) != protocol.get(k)]
-    changed += [f"--models {n}" for n, e in previous.get("models", {}).items()
+    changed += [f"--models {n}" for n, e in _previous_models(previous).items()
                 if n in models and e["model"] != models[n]]
     if changed:
         raise ValueError(f"`--resume` in {str(out)!r}: the stopped run used other settings for {changed}. Resume "
@@ -713,7 +720,13 @@ def evaluate(
     if resume and out_dir is not None:
         previous = json.loads((out_dir / RESULTS_FILE).read_text())
         _check_resumable(previous, protocol, models, out_dir)
-        results["models"] = {n: e for n, e in previous.get("models", {}).items() if n in models}
+        earlier = _previous_models(previous)
+        results["models"] = {n: earlier[n] for n in models if n in earlier}
+        # Models of earlier runs that this one does not ask for stay in the file, so a later resume that asks for them
+        # again does not score them again (their rows stay in rows/ either way).
+        set_aside = {n: e for n, e in earlier.items() if n not in models}
+        if set_aside:
+            results["set_aside"] = set_aside
         for name, entry in results["models"].items():
             for task in list(entry.get("tasks") or {}):
                 found = load_rows(out_dir, name, task)

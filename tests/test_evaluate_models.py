@@ -257,6 +257,33 @@ def test_stopped_run_keeps_results_and_resumes(tiny_checkpoint, pruned_checkpoin
     assert results["models"]["dense"]["tasks"]["piqa"] == partial["models"]["dense"]["tasks"]["piqa"]
 
 
+def test_a_run_on_fewer_models_keeps_the_others_for_a_later_resume(tiny_checkpoint, pruned_checkpoint, tiny_task_data,
+                                                                   tmp_path, monkeypatch):
+    import lit_prune.evaluate_models as em
+
+    real, calls = em.zero_shot_task, []
+
+    def counted(lm_eval, hflm, task, *args, **kwargs):
+        calls.append(task)
+        return real(lm_eval, hflm, task, *args, **kwargs)
+
+    monkeypatch.setattr(em, "zero_shot_task", counted)
+    both = {"dense": str(tiny_checkpoint), "pruned": str(pruned_checkpoint)}
+    kwargs = dict(out=tmp_path / "o", tasks=["piqa"], data_dir=tiny_task_data, batch_size=2, device="cpu")
+    first = evaluate(both, **kwargs)
+    assert calls == ["piqa", "piqa"]
+    only_dense = evaluate({"dense": both["dense"]}, resume=True, **kwargs)
+    assert list(only_dense["models"]) == ["dense"]
+    saved = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert list(saved["models"]) == ["dense"] and list(saved["set_aside"]) == ["pruned"]
+    again = evaluate(both, resume=True, **kwargs)
+    assert calls == ["piqa", "piqa"]  # the pruned model was not scored a second time
+    assert again["models"]["pruned"]["tasks"] == first["models"]["pruned"]["tasks"]
+    assert "set_aside" not in json.loads((tmp_path / "o" / "results.json").read_text())
+    with pytest.raises(ValueError, match="--models pruned"):  # a set-aside name still means the same model
+        evaluate({"pruned": both["dense"]}, resume=True, **kwargs)
+
+
 def test_unservable_task_stops_before_weights(tiny_checkpoint, tmp_path, monkeypatch):
     pytest.importorskip("lm_eval")
     import lit_prune.hf as hf
