@@ -294,9 +294,12 @@ def build_teacher_cache(folder: str, train: torch.Tensor, batch: int, out_dir: P
 
 
 def kd_stage(folder: str, mask: str, lr: float, variant: str, size: int | None, cache_dir: Path | None,
-             weighting: str = "none", select_fraction: float = 0.2):
+             weighting: str = "none", select_fraction: float = 0.2, student: str | None = None):
     """The recovery benchmarks' KD stage: forward KL at temperature 1, no CE, LoRA on every kept layer, bf16, AdamW
-    at ``lr``; the teacher online or the cache of ``variant`` under ``cache_dir`` (:func:`cache_name`)."""
+    at ``lr``; the teacher online or the cache of ``variant`` under ``cache_dir`` (:func:`cache_name`).
+
+    ``student``: an already pruned folder to heal instead of cutting ``folder`` with ``mask`` (the teacher stays
+    ``folder``)."""
     from lit_prune import Distill
     from lit_prune.components.lora import LLAMA_PROJECTIONS
 
@@ -305,7 +308,7 @@ def kd_stage(folder: str, mask: str, lr: float, variant: str, size: int | None, 
     else:
         teacher = dict(teacher_cache=str(Path(cache_dir) / cache_name(variant, size)), cache_variant=variant)
     optimizer = lambda p: torch.optim.AdamW(p, lr=lr, weight_decay=0.0)  # noqa: E731
-    return Distill(pretrained=folder, mask=mask, dtype="bfloat16", optimizer=optimizer, allow_model_mismatch=True,
+    return Distill(pretrained=student or folder, mask=None if student else mask, dtype="bfloat16", optimizer=optimizer, allow_model_mismatch=True,
                    target_modules=LLAMA_PROJECTIONS, weighting=weighting, select_fraction=select_fraction,
                    train="lora", lora_layers="all", **teacher)
 

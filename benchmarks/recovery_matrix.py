@@ -36,10 +36,12 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,12 @@ from lit_prune.tasks import OFFLINE_TASKS
 
 WEIGHTINGS = ("none", "normalized", "linear", "student_selective")
 REFERENCE = "online-none"  # the row every other one is compared with
+COMPENSATED = "linear_comp+online-none"  # online KD from the compensated cut (issue 14, part 3)
+
+
+def config_name(run: dict[str, Any]) -> str:
+    """The table row of a run: teacher-weighting, prefixed when KD starts from the compensated cut."""
+    return COMPENSATED if run.get("compensate") else f"{run['teacher']}-{run['weighting']}"
 START = time.perf_counter()
 
 
@@ -74,8 +82,11 @@ def plan_runs(args) -> list[dict[str, Any]]:
     for weighting in args.weightings:
         for seed in args.seeds:
             runs.setdefault(f"online-{weighting}-s{seed}", dict(teacher="online", weighting=weighting, seed=seed))
+    for seed in args.compensated_seeds:
+        runs.setdefault(f"{COMPENSATED}-s{seed}", dict(teacher="online", weighting="none", seed=seed, compensate=True))
     for name, run in runs.items():
-        run["name"], run["config"] = name, f"{run['teacher']}-{run['weighting']}"
+        run.setdefault("compensate", False)
+        run["name"], run["config"] = name, config_name(run)
     return list(runs.values())
 
 
@@ -184,9 +195,10 @@ def worker_run(args) -> None:
         result = previous
     else:
         variant, size = parse_kd_variant(args.teacher)
+        student = compensated_start(args, data) if args.compensate else None
         L.seed_everything(args.seed, verbose=False)  # the LoRA init (and dropout)
         stage = kd_stage(data["folder"], args.mask, args.lr, variant, size, paths(args)["cache_dir"],
-                         weighting=args.weighting, select_fraction=args.select_fraction)
+                         weighting=args.weighting, select_fraction=args.select_fraction, student=student)
         fingerprint = Fingerprint()
         seconds = fit_seconds(stage, data["train"], args.batch, args.steps, seed=args.seed, callbacks=[fingerprint])
         ppl = perplexity(stage.model, data["val"], args.batch, device)
@@ -195,6 +207,7 @@ def worker_run(args) -> None:
         if device == "cuda":
             torch.cuda.empty_cache()
         result = {"teacher": args.teacher, "weighting": args.weighting, "seed": args.seed,
+                  "compensate": "linear" if args.compensate else None,
                   "select_fraction": args.select_fraction if args.weighting == "student_selective" else None,
                   "steps": args.steps, "batch": args.batch, "seq": args.seq,
                   "tokens": args.steps * args.batch * args.seq, "ppl": ppl, "train_s": seconds,
@@ -202,6 +215,37 @@ def worker_run(args) -> None:
         write_json(str(target), result)
         say(f"{args.name}: held-out ppl {ppl:.2f}, trained in {seconds:.0f} s")
     write_json(str(target), {**result, **(score_tasks(args, args.name, folder) or {})})
+
+
+def compensated_start(args, data) -> str:
+    """The cut with ReplaceMe-style linear compensation, fitted on the first (unshuffled) training blocks; built once."""
+    import torch
+
+    from lit_prune.components import compensate as compensation
+    from lit_prune.components.checkpoint import save_pruned
+    from lit_prune.components.mask_io import load_mask
+    from lit_prune.hf import load_causal_lm, load_tokenizer
+
+    folder = paths(args)["models"] / f"compensated_start_{args.compensate_tokens}"
+    if not (folder / "config.json").exists():
+        artifact = load_mask(args.mask)
+        model = load_causal_lm(data["folder"], "float32").to(_device()).eval()
+        count = -(-args.compensate_tokens // data["train"].size(1))
+        blocks = data["train"][:count].to(_device())
+        with torch.no_grad():
+            fits = compensation.compensate_linear(model, artifact.drop, blocks.split(4))
+        report = compensation.fits_report(fits, calib="first training blocks", calib_tokens=int(blocks.numel()),
+                                          ridge=0.0)
+        artifact = replace(artifact, extra={**artifact.extra, "compensation": report})
+        own = folder.with_name(f"{folder.name}.{os.getpid()}")
+        save_pruned(model.to(torch.bfloat16).cpu(), artifact, own, tokenizer=load_tokenizer(data["folder"]),
+                    overwrite=True)
+        try:
+            os.rename(own, folder)
+        except OSError:  # another seed's worker was first: same data, same map
+            shutil.rmtree(own, ignore_errors=True)
+        del model
+    return str(folder)
 
 
 class Fingerprint(L.Callback):
@@ -247,6 +291,8 @@ def worker_argv(args, job: dict[str, Any]) -> list[str]:
     argv = [sys.executable, "-m", "benchmarks.recovery_matrix", "--worker", job["kind"], "--name", job["name"]]
     if job["kind"] == "run":
         argv += ["--teacher", job["teacher"], "--weighting", job["weighting"], "--seed", str(job["seed"])]
+        if job.get("compensate"):
+            argv += ["--compensate", "--compensate-tokens", str(args.compensate_tokens)]
     return argv + shared
 
 
@@ -396,7 +442,7 @@ def aggregate(args) -> dict[str, Any]:
     gap = (pruned_ppl - dense_ppl) if dense_ppl is not None and pruned_ppl is not None else None
     by_config: dict[str, list[dict[str, Any]]] = {}
     for run in runs:
-        by_config.setdefault(f"{run['teacher']}-{run['weighting']}", []).append(run)
+        by_config.setdefault(config_name(run), []).append(run)
     ref_runs = by_config.get(REFERENCE, [])
     tasks = list(args.tasks)
     rows_ref = {t: _seed_mean_rows(ref_runs, t) for t in tasks} if ref_runs else {}
@@ -510,6 +556,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weightings", nargs="*", default=list(WEIGHTINGS),
                         help="Weightings of the online teacher.")
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument("--compensated-seeds", nargs="*", type=int, default=[],
+                        help="Seeds of online KD (weighting none) from the linearly compensated cut.")
+    parser.add_argument("--compensate-tokens", type=int, default=16384,
+                        help="Calibration tokens of the compensation: the first training blocks.")
     parser.add_argument("--select-fraction", type=float, default=0.2, help="student_selective's share of tokens.")
     parser.add_argument("--tasks", nargs="*", default=list(OFFLINE_TASKS), help="Benchmark tasks (none: skip).")
     parser.add_argument("--limit", type=int, default=300, help="Rows per task (the first N).")
@@ -530,6 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--teacher", default=None, help=argparse.SUPPRESS)
     worker.add_argument("--weighting", default=None, help=argparse.SUPPRESS)
     worker.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)
+    worker.add_argument("--compensate", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 

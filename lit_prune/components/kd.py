@@ -430,7 +430,12 @@ def sample_teacher(
         raise ValueError(f"`draws` must be in [1, 255] (counts are stored as uint8), got {draws}.")
     logp = F.log_softmax(logits.detach().float(), dim=-1)
     flat = logp.reshape(-1, logp.size(-1))
-    drawn = torch.multinomial(flat.exp(), draws, replacement=True, generator=generator)
+    # Inverse-CDF draws on the logits' device from uniforms of ``generator``'s device: a CPU generator gives the same
+    # ids on any device (up to float rounding at bucket edges) without copying [tokens, vocab] probabilities to the CPU.
+    uniform_device = generator.device if generator is not None else flat.device
+    uniform = torch.rand(flat.size(0), draws, generator=generator, device=uniform_device)
+    cdf = flat.exp().cumsum_(-1)
+    drawn = torch.searchsorted(cdf, uniform.to(flat.device) * cdf[:, -1:], right=True).clamp_(max=flat.size(-1) - 1)
     drawn, _ = drawn.sort(dim=-1)
     new = torch.ones_like(drawn, dtype=torch.bool)
     new[:, 1:] = drawn[:, 1:] != drawn[:, :-1]

@@ -168,8 +168,8 @@ def write_topk_cache(
                 logits_vocab = int(logits.size(-1))
                 if kind == "topk":
                     indices, values, extra = topk_with_tail(logits, k)
-                else:  # draws on the CPU generator keep a cache reproducible across devices
-                    indices, values, extra = sample_teacher(logits.cpu(), k, generator)
+                else:  # uniforms from the CPU generator keep a cache reproducible across devices
+                    indices, values, extra = sample_teacher(logits, k, generator)
                 f_idx.write(indices.cpu().numpy().astype(ids_dtype, copy=False).tobytes())
                 f_val.write(values.cpu().numpy().astype(VALUE_DTYPE, copy=False).tobytes())
                 f_extra.write(extra.cpu().numpy().astype(extra_dtype, copy=False).tobytes())
