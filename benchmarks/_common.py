@@ -308,7 +308,8 @@ def kd_stage(folder: str, mask: str, lr: float, variant: str, size: int | None, 
     else:
         teacher = dict(teacher_cache=str(Path(cache_dir) / cache_name(variant, size)), cache_variant=variant)
     optimizer = lambda p: torch.optim.AdamW(p, lr=lr, weight_decay=0.0)  # noqa: E731
-    return Distill(pretrained=student or folder, mask=None if student else mask, dtype="bfloat16", optimizer=optimizer, allow_model_mismatch=True,
+    return Distill(pretrained=student or folder, mask=None if student else mask, dtype="bfloat16", optimizer=optimizer,
+                   allow_model_mismatch=True,
                    target_modules=LLAMA_PROJECTIONS, weighting=weighting, select_fraction=select_fraction,
                    train="lora", lora_layers="all", **teacher)
 

@@ -218,7 +218,7 @@ def worker_run(args) -> None:
 
 
 def compensated_start(args, data) -> str:
-    """The cut with ReplaceMe-style linear compensation, fitted on the first (unshuffled) training blocks; built once."""
+    """The cut with ReplaceMe-style linear compensation, fitted on the first (unshuffled) training blocks, once."""
     import torch
 
     from lit_prune.components import compensate as compensation
