@@ -8,7 +8,8 @@ import yaml
 
 from lit_prune.cli import main
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+ROOT = Path(__file__).parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 # Mixture-of-experts configs run on a tiny model of their own architecture (tests/tiny.py), the rest on tiny Llama.
 TINY_MODEL_TYPES = {"e3_deepseek_r1": "deepseek_v3", "e3_qwen3_30b_a3b": "qwen3_moe", "clp_gemma3_270m": "gemma3_text"}
 
@@ -38,9 +39,12 @@ def tiny_mask(tiny_checkpoint, tmp_path_factory) -> Path:
 def tiny_teacher_cache(tiny_checkpoint, tiny_text, tmp_path_factory) -> Path:
     from lit_prune.teacher_cache_cli import cache_teacher_main
 
-    out = tmp_path_factory.mktemp("teacher_cache") / "k15"  # the shipped cached config reads K = 15
+    # The cache the shipped cached config reads (its K and kind).
+    shipped = yaml.safe_load((ROOT / "configs" / "e3_distill_cached_smollm2.yaml").read_text())["model"]["init_args"]
+    kind = "sampled" if shipped["cache_variant"] == "sampled" else "topk"
+    out = tmp_path_factory.mktemp("teacher_cache") / f"{kind}{shipped['teacher_k']}"
     cache_teacher_main(["--model", str(tiny_checkpoint), "--text-files", str(tiny_text), "--max-length", "32",
-                        "--val-fraction", "0.1", "--k", "15", "--out", str(out)])
+                        "--val-fraction", "0.1", "--k", str(shipped["teacher_k"]), "--kind", kind, "--out", str(out)])
     return out
 
 
