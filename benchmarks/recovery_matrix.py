@@ -5,7 +5,7 @@
         --steps 250 --batch 16 --seq 256 --seeds 0 1 2 --teacher-seeds 0 --parallel 8 --limit 300 \
         --data-dir TASKS --results-dir results/recovery_matrix --work-dir WORK
 
-Two families of KD runs (forward KL, temperature 1, no CE, LoRA on every kept layer, bf16, as
+Three families of KD runs (forward KL, temperature 1, no CE, LoRA on every kept layer, bf16, as
 ``benchmarks.cached_kd``), every one on the same number of tokens (``--steps x --batch x --seq``):
 
 - ``--teachers`` x ``--teacher-seeds``, weighting ``none``: the teacher's form at equal tokens (issue 14 part 1):
@@ -14,6 +14,8 @@ Two families of KD runs (forward KL, temperature 1, no CE, LoRA on every kept la
   runs that read it start.
 - ``online`` x ``--weightings`` x ``--seeds`` (part 2): ``none``, ``normalized``, ``linear`` (teacher entropy) and
   ``student_selective`` (SE-KD: only the ``--select-fraction`` of tokens where the student is most uncertain).
+- ``--compensated-seeds`` (part 3): online KD, weighting ``none``, from the cut with the linear compensation folded in
+  (``components/compensate.py``, fitted once on the first ``--compensate-tokens`` training tokens, unshuffled).
 
 A run is one fresh process (``python -m benchmarks.recovery_matrix --worker run ...``): seed everything (the LoRA
 init) and the batch order with its seed, ``Distill`` fit, held-out perplexity (the tail of ``--text``, which training
