@@ -46,10 +46,17 @@ SEARCHES = {
 }
 
 
+def _radius(value: str) -> int | str | None:
+    """``--refine-radius``: ``auto``, or an integer (0 = any pair)."""
+    if value == "auto":
+        return value
+    return int(value) or None
+
+
 def run_search(args, kind: str, num_drop: int, train: torch.Tensor, steps: int, seed: int = 1337,
                stop_at: int | None = None, ckpt: str | None = None, save: str | None = None) -> MaskSearch:
     L.seed_everything(seed, verbose=False)
-    options = dict(SEARCHES[kind], importance_batches=args.calib_batches, refine_radius=args.refine_radius or None)
+    options = dict(SEARCHES[kind], importance_batches=args.calib_batches, refine_radius=args.refine_radius)
     if kind.startswith("clp"):
         gate = lambda n, k: ConcaveGate(n, k, protect_first=1, protect_last=1)  # noqa: E731
         module = MaskSearch(args.model, gate=gate, num_drop=num_drop, ratio=None, dtype=args.dtype,
@@ -92,7 +99,8 @@ def main() -> None:
     parser.add_argument("--num-drop", nargs="+", type=int, default=None, help="Layer counts (instead of --ratios).")
     parser.add_argument("--held-out-text", nargs="+", default=None,
                         help="Score masks on this text (all of it, up to --val-blocks) instead of --text's tail.")
-    parser.add_argument("--refine-radius", type=int, default=2, help="E3's swap radius (0: any pair, null).")
+    parser.add_argument("--refine-radius", type=_radius, default="auto",
+                        help="E3's swap radius: auto (the default of MaskSearch), an integer, or 0 = any pair (null).")
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--calib-batches", type=int, default=4)

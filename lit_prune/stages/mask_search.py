@@ -34,7 +34,14 @@ from lit_prune.components.gating import LayerGating, shared_prefix
 from lit_prune.components.layers import decoder_layers
 from lit_prune.components.losses import Direction, kl_loss, next_token_ce
 from lit_prune.components.mask_io import MaskArtifact
-from lit_prune.components.refine import best_of, greedy_importance, mask_kl_objective, shift_search, swap_search
+from lit_prune.components.refine import (
+    auto_swap_radius,
+    best_of,
+    greedy_importance,
+    mask_kl_objective,
+    shift_search,
+    swap_search,
+)
 from lit_prune.components.scorers import _window_starts, candidate_layers
 from lit_prune.hf import Dtype, meta_model
 from lit_prune.metrics import TokenPerplexity
@@ -77,9 +84,11 @@ class MaskSearch(PruneStage):
             local search from it (E3: swap a dropped and a kept layer at most ``refine_radius`` apart; CLP: move a
             segment by one layer) while the KL improves. The cost is reported in mask.json (``extra.refine``).
         refine_samples: How many of the last sampled full-budget masks ``refine`` considers (E3).
-        refine_radius: Largest distance between the two layers of a swap in ``polish`` (null: any pair, a closer fit
-            to the calibration text for tens of times more mask evaluations: use it when calibrating on the text
-            the model will serve; docs/mask_search.md).
+        refine_radius: Largest distance between the two layers of a swap in ``polish``; null: any pair; ``auto``
+            (default): any pair while a round costs at most 256 mask evaluations (``n x (candidates - n)``; SmolLM2,
+            Gemma 3, 8B models at a quarter of their layers), else 2. Any pair fitted the calibration domain's
+            held-out text better at every budget measured; a radius of 2 keeps the refinement affordable on 64+
+            layers (docs/mask_search.md).
         method: Name recorded in mask.json (default: ``clp`` for ConcaveGate, ``e3`` for GumbelTopKGate).
         kl_chunk_tokens: Compute the KL over this many tokens at a time, recomputed in backward: lowers peak memory
             at large batch x vocabulary (docs/scale.md); null computes it at once.
@@ -108,7 +117,7 @@ class MaskSearch(PruneStage):
         importance_scale: float = 1.0,
         refine: Refine = "none",
         refine_samples: int = 16,
-        refine_radius: int | None = 2,
+        refine_radius: int | Literal["auto"] | None = "auto",
         method: str | None = None,
         kl_chunk_tokens: int | None = None,
         compile_blocks: bool = False,
@@ -157,8 +166,13 @@ class MaskSearch(PruneStage):
         check_choice(kl_direction, Direction, "model.init_args.kl_direction")
         if isinstance(refine_samples, bool) or not isinstance(refine_samples, int) or refine_samples < 0:
             raise ValueError(f"`model.init_args.refine_samples` must be an integer >= 0, got {refine_samples!r}.")
-        if refine_radius is not None and (isinstance(refine_radius, bool) or refine_radius < 1):
-            raise ValueError(f"`model.init_args.refine_radius` must be >= 1 or null (any pair), got {refine_radius!r}.")
+        if refine_radius not in (None, "auto") and (
+            isinstance(refine_radius, bool) or not isinstance(refine_radius, int) or refine_radius < 1
+        ):
+            raise ValueError(
+                "`model.init_args.refine_radius` must be an integer >= 1, null (any pair) or auto, got "
+                f"{refine_radius!r}."
+            )
         self.refine = refine
         self.refine_samples = refine_samples
         self.refine_radius = refine_radius
@@ -369,7 +383,7 @@ class MaskSearch(PruneStage):
             candidates["window"] = self._best_window(objective)[0]
         drop, kl = best_of(objective, candidates.values())
         chosen = next(name for name, value in candidates.items() if value == drop)
-        rounds = 0
+        rounds, radius = 0, None
         if isinstance(self.gate, ConcaveGate):
             widths = self.gate.widths
             starts = _segment_starts(drop, widths)
@@ -380,13 +394,19 @@ class MaskSearch(PruneStage):
             self.gate.set_starts_(starts)
         else:
             if self.refine == "polish":
-                drop, kl, rounds = swap_search(objective, drop, self._candidates(), radius=self.refine_radius)
+                swappable = self._candidates()
+                radius = self.refine_radius
+                if radius == "auto":
+                    radius = auto_swap_radius(len(drop), len(swappable))
+                drop, kl, rounds = swap_search(objective, drop, swappable, radius=radius)
             self.gate.set_drop_(drop)
         self.refine_report = {
             "mode": self.refine, "chosen": chosen, "learned_drop": list(learned), "drop": list(drop),
             "calibration_kl": kl, "candidates": len(set(candidates.values())), "local_moves": rounds,
             "masks_evaluated": objective.evaluations, "seconds": round(time.perf_counter() - start, 3),
         }
+        if self.refine == "polish" and not isinstance(self.gate, ConcaveGate):
+            self.refine_report["radius"] = radius  # the swap radius used (None: any pair)
         self.print(
             f"Refined mask ({self.refine}): drop {list(drop)} (from {chosen}; learned {list(learned)}), calibration KL "
             f"{kl:.4f}, {objective.evaluations} masks evaluated in {self.refine_report['seconds']:.1f} s"

@@ -130,3 +130,14 @@ def test_gates_take_a_refined_mask():
     assert changed == [2]
     with pytest.raises(ValueError, match="unprotected"):
         e3.set_drop_([0, 3])
+
+
+def test_auto_swap_radius_is_any_pair_only_while_a_round_is_affordable():
+    from lit_prune.components.refine import AUTO_FALLBACK_RADIUS, AUTO_MAX_ANY_PAIR_SWAPS, auto_swap_radius
+
+    assert auto_swap_radius(8, 28) is None  # SmolLM2, 8 of 30 (28 candidates): 160 swaps per round
+    assert auto_swap_radius(5, 16) is None  # Gemma 3, 5 of 18
+    assert auto_swap_radius(16, 62) == AUTO_FALLBACK_RADIUS  # 32B shape, 16 of 64: 736 swaps per round
+    # The boundary itself is still any pair.
+    assert auto_swap_radius(16, 32) is None and 16 * 16 == AUTO_MAX_ANY_PAIR_SWAPS
+    assert auto_swap_radius(16, 33) == AUTO_FALLBACK_RADIUS

@@ -172,7 +172,7 @@ def test_clp_window_scan_start_and_polish_give_the_exact_scan_optimum(tiny_check
 def _e3(tiny_checkpoint, **kwargs):
     return MaskSearch(str(tiny_checkpoint), gate=lambda n, k: GumbelTopKGate(n, k, protect_first=1, protect_last=1),
                       num_drop=2, ratio=None, importance_init="kl_greedy", importance_batches=2, refine="polish",
-                      refine_radius=None, optimizer=lambda p: torch.optim.Adam(p, lr=0.5), **kwargs)
+                      refine_radius="auto", optimizer=lambda p: torch.optim.Adam(p, lr=0.5), **kwargs)
 
 
 def test_e3_greedy_init_and_polish_reach_a_swap_local_optimum(tiny_checkpoint, tiny_text, tmp_path):
@@ -231,6 +231,8 @@ def test_e3_same_seed_and_resume_give_the_same_refined_mask(tiny_checkpoint, tin
     torch.testing.assert_close(resumed.gate.logits, full.gate.logits)
     assert resumed.current_drop() == full.current_drop()
     assert resumed.refine_report["learned_drop"] == full.refine_report["learned_drop"]
+    if full.refine_report["mode"] == "polish":
+        assert full.refine_report["radius"] is None  # refine_radius auto: any pair on a 6-layer model
     torch.testing.assert_close(resumed.sampled_keep, full.sampled_keep)
 
 
@@ -241,6 +243,8 @@ def test_refine_options_are_checked_before_weights_load(tiny_checkpoint):
         _search(tiny_checkpoint, importance_init="kl_greedy")
     with pytest.raises(ValueError, match="refine_radius"):
         _search(tiny_checkpoint, refine="polish", refine_radius=0)
+    with pytest.raises(ValueError, match="refine_radius.*auto"):
+        _search(tiny_checkpoint, refine="polish", refine_radius="wide")
 
 
 def test_k_exists_only_for_gates_with_a_budget(tiny_checkpoint):
