@@ -231,8 +231,7 @@ def test_e3_same_seed_and_resume_give_the_same_refined_mask(tiny_checkpoint, tin
     torch.testing.assert_close(resumed.gate.logits, full.gate.logits)
     assert resumed.current_drop() == full.current_drop()
     assert resumed.refine_report["learned_drop"] == full.refine_report["learned_drop"]
-    if full.refine_report["mode"] == "polish":
-        assert full.refine_report["radius"] is None  # refine_radius auto: any pair on a 6-layer model
+    assert full.refine_report["radius"] is None  # refine_radius auto: any pair on a 6-layer model
     torch.testing.assert_close(resumed.sampled_keep, full.sampled_keep)
 
 
