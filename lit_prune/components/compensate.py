@@ -334,7 +334,7 @@ def resolve_calibration_files(calib_text: Sequence[str | Path], key: str = "--ca
         if missing:
             raise CompensationError(
                 f"`{key}` entry {str(name)!r} is not a readable text file. Pass plain-text files or an offline corpus "
-                "(offline:britannica, offline:shakespeare)."
+                "(offline:britannica, offline:shakespeare, offline:sciq)."
             )
         files.extend(found)
     if not files:

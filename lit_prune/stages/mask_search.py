@@ -43,6 +43,7 @@ from lit_prune.components.refine import (
     swap_search,
 )
 from lit_prune.components.scorers import _window_starts, candidate_layers
+from lit_prune.data import CalibrationSampling, calibration_indices
 from lit_prune.hf import Dtype, meta_model
 from lit_prune.metrics import TokenPerplexity
 from lit_prune.stages.base import PruneStage, num_drop_from, save_gated_as_pruned, strip_frozen_model
@@ -71,13 +72,17 @@ class MaskSearch(PruneStage):
         importance_init: How the gate starts. ``kl`` initialises GumbelTopKGate logits from per-layer KL importance
             (skip one layer, measure the output KL) on ``importance_batches`` training batches; ``kl_greedy`` from a
             greedy removal with the same KL (each layer measured with the earlier picks already removed, as SLEB
-            does), on the first ``importance_batches`` training batches in dataset order; ``window_scan`` places
+            does), on the calibration batches (see ``calibration``); ``window_scan`` places
             ConcaveGate's single segment at the exact optimum of the window scan on those batches; ``none`` keeps the
             gate's own init.
         importance_batches: Calibration batches used by ``importance_init`` and ``refine``.
+        calibration: Which training blocks form those batches, in dataset order (the same on every rank and
+            resume). ``spread`` (default): evenly spaced over the whole training set, so a corpus of many files is
+            represented by all of them; ``first``: the first blocks (the behaviour before 2026-12-02: with the plays,
+            8k tokens of one play). See docs/mask_search.md.
         importance_scale: Scale of the standardized log-importance logits.
-        refine: What happens to the learned mask when training ends, on the calibration batches (the first
-            ``importance_batches`` training batches in dataset order), by the search's own KL. ``none``: keep the
+        refine: What happens to the learned mask when training ends, on the calibration batches, by the search's
+            own KL. ``none``: keep the
             gate's hard mask. ``select``: the lowest-KL mask among the gate's hard mask, its initialisation and (E3)
             the last ``refine_samples`` distinct masks sampled at the full budget and the best contiguous window
             (a window scan of the same objective: L - n + 1 more mask evaluations). ``polish``: ``select``, then a
@@ -114,6 +119,7 @@ class MaskSearch(PruneStage):
         ce_weight: float = 0.0,
         importance_init: Literal["none", "kl", "kl_greedy", "window_scan"] = "none",
         importance_batches: int = 2,
+        calibration: CalibrationSampling = "spread",
         importance_scale: float = 1.0,
         refine: Refine = "none",
         refine_samples: int = 16,
@@ -163,6 +169,7 @@ class MaskSearch(PruneStage):
                 "ConcaveGate with num_segments: 1, or importance_init: none."
             )
         check_choice(refine, Refine, "model.init_args.refine")
+        check_choice(calibration, CalibrationSampling, "model.init_args.calibration")
         check_choice(kl_direction, Direction, "model.init_args.kl_direction")
         if isinstance(refine_samples, bool) or not isinstance(refine_samples, int) or refine_samples < 0:
             raise ValueError(f"`model.init_args.refine_samples` must be an integer >= 0, got {refine_samples!r}.")
@@ -191,6 +198,7 @@ class MaskSearch(PruneStage):
         self.ce_weight = ce_weight
         self.importance_init = importance_init
         self.importance_batches = importance_batches
+        self.calibration = calibration
         self.importance_scale = importance_scale
         self.method = method or METHOD_NAMES.get(type(self.gate), type(self.gate).__name__.lower())
         self.register_buffer("importance_done", torch.tensor(False))
@@ -328,11 +336,12 @@ class MaskSearch(PruneStage):
         self.print(f"KL importance per layer: {[round(v, 4) for v in importance]}")
 
     def _calibration_batches(self) -> list[Tensor]:
-        """The first ``importance_batches`` training batches in dataset order: the same on every rank and resume."""
+        """``importance_batches`` batches of training blocks chosen by ``calibration``: the same on every rank and
+        resume."""
         loader = self.trainer.train_dataloader
         dataset, size = loader.dataset, loader.batch_size or 1
-        count = min(len(dataset), self.importance_batches * size)
-        rows = [dataset[i] for i in range(count)]
+        rows = [dataset[i] for i in calibration_indices(len(dataset), self.importance_batches * size, self.calibration)]
+        count = len(rows)
         return [loader.collate_fn(rows[i : i + size])["input_ids"].to(self.device) for i in range(0, count, size)]
 
     def _candidates(self) -> list[int]:
@@ -404,6 +413,7 @@ class MaskSearch(PruneStage):
             "mode": self.refine, "chosen": chosen, "learned_drop": list(learned), "drop": list(drop),
             "calibration_kl": kl, "candidates": len(set(candidates.values())), "local_moves": rounds,
             "masks_evaluated": objective.evaluations, "seconds": round(time.perf_counter() - start, 3),
+            "calibration": self.calibration,
         }
         if self.refine == "polish" and not isinstance(self.gate, ConcaveGate):
             self.refine_report["radius"] = radius  # the swap radius used (None: any pair)

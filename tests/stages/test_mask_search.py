@@ -106,6 +106,7 @@ def test_checkpoint_keeps_only_the_gate_and_resume_matches(tiny_checkpoint, tiny
         (dict(ratio=None, num_drop=5), "num_drop"),  # 5 of 6 with two protected layers cannot fit
         (dict(refine="best"), r"`model.init_args.refine` must be one of \['none', 'select', 'polish'\], got 'best'"),
         (dict(kl_direction="both"), r"`model.init_args.kl_direction` must be one of \['forward', 'reverse'\]"),
+        (dict(calibration="random"), r"`model.init_args.calibration` must be one of \['spread', 'first'\]"),
     ],
 )
 def test_bad_budget_fails_before_weights_load(tiny_checkpoint, kwargs, message, monkeypatch):
@@ -146,9 +147,11 @@ def test_activation_checkpointing_gives_the_same_gate_gradient(tiny_checkpoint, 
 
 def _calibration_objective(module, data):
     from lit_prune.components.refine import mask_kl_objective
+    from lit_prune.data import calibration_indices
 
     data.setup("fit")
-    rows = [data.train_set[i] for i in range(2 * 2)]  # importance_batches=2 batches of batch_size 2, dataset order
+    # importance_batches=2 batches of batch_size 2, picked by the module's `calibration` rule from dataset order
+    rows = [data.train_set[i] for i in calibration_indices(len(data.train_set), 2 * 2, module.calibration)]
     batches = [torch.stack([torch.as_tensor(r["input_ids"]) for r in rows[i : i + 2]]) for i in (0, 2)]
     return mask_kl_objective(module.model, module.gating, batches)
 
@@ -232,6 +235,7 @@ def test_e3_same_seed_and_resume_give_the_same_refined_mask(tiny_checkpoint, tin
     assert resumed.current_drop() == full.current_drop()
     assert resumed.refine_report["learned_drop"] == full.refine_report["learned_drop"]
     assert full.refine_report["radius"] is None  # refine_radius auto: any pair on a 6-layer model
+    assert full.refine_report["calibration"] == "spread"  # the default, recorded in mask.json
     torch.testing.assert_close(resumed.sampled_keep, full.sampled_keep)
 
 
