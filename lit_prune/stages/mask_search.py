@@ -72,9 +72,8 @@ class MaskSearch(PruneStage):
         importance_init: How the gate starts. ``kl`` initialises GumbelTopKGate logits from per-layer KL importance
             (skip one layer, measure the output KL) on ``importance_batches`` training batches; ``kl_greedy`` from a
             greedy removal with the same KL (each layer measured with the earlier picks already removed, as SLEB
-            does), on the calibration batches (see ``calibration``); ``window_scan`` places
-            ConcaveGate's single segment at the exact optimum of the window scan on those batches; ``none`` keeps the
-            gate's own init.
+            does), on the calibration batches (see ``calibration``); ``window_scan`` places ConcaveGate's single
+            segment at the exact optimum of the window scan on those batches; ``none`` keeps the gate's own init.
         importance_batches: Calibration batches used by ``importance_init`` and ``refine``.
         calibration: Which training blocks form those batches, in dataset order (the same on every rank and
             resume). ``spread`` (default): evenly spaced over the whole training set, so a corpus of many files is
@@ -82,10 +81,10 @@ class MaskSearch(PruneStage):
             8k tokens of one play). See docs/mask_search.md.
         importance_scale: Scale of the standardized log-importance logits.
         refine: What happens to the learned mask when training ends, on the calibration batches, by the search's
-            own KL. ``none``: keep the
-            gate's hard mask. ``select``: the lowest-KL mask among the gate's hard mask, its initialisation and (E3)
-            the last ``refine_samples`` distinct masks sampled at the full budget and the best contiguous window
-            (a window scan of the same objective: L - n + 1 more mask evaluations). ``polish``: ``select``, then a
+            own KL. ``none``: keep the gate's hard mask. ``select``: the lowest-KL mask among the gate's hard mask,
+            its initialisation and (E3) the last ``refine_samples`` distinct masks sampled at the full budget and the
+            best contiguous window (a window scan of the same objective: L - n + 1 more mask evaluations).
+            ``polish``: ``select``, then a
             local search from it (E3: swap a dropped and a kept layer at most ``refine_radius`` apart; CLP: move a
             segment by one layer) while the KL improves. The cost is reported in mask.json (``extra.refine``).
         refine_samples: How many of the last sampled full-budget masks ``refine`` considers (E3).
