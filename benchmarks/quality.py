@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ from typing import Any
 
 from benchmarks._common import machine
 from lit_prune.assets import cache_root
-from lit_prune.evaluate_models import load_rows, paired_difference, prepare_out_dir
+from lit_prune.evaluate_models import load_rows, paired_versus, prepare_out_dir
 from lit_prune.tasks import OFFLINE_TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,6 +111,11 @@ def _mask_seconds(mask: Any) -> float | None:
     return None
 
 
+def _per_row(eval_dir: Path, name: str, tasks: list[str]) -> dict[str, dict[str, list]]:
+    """``evaluate``'s per-row scores of one model, for the tasks it has them for."""
+    return {t: rows for t in tasks if (rows := load_rows(eval_dir, name, t))}
+
+
 def build_rows(results: dict[str, Any], eval_dir: Path, reference: str, masks: dict[str, Any],
                info: dict[str, dict[str, Any]], speedups: dict[str, float]) -> list[dict[str, Any]]:
     """One row per model: accuracies, average, both retentions, ppl, speed-up, paired differences vs ``reference``."""
@@ -124,18 +128,8 @@ def build_rows(results: dict[str, Any], eval_dir: Path, reference: str, masks: d
         ret = entry.get("retention") or {}
         paired: dict[str, Any] = {}
         if name != reference:
-            diffs = {}
-            for task in tasks:
-                a, b = load_rows(eval_dir, name, task), load_rows(eval_dir, reference, task)
-                metric = entry["tasks"][task]["metric"]
-                diffs[task] = paired_difference(a, b, metric) if a and b and metric else None
-            paired["tasks"] = diffs
-            if diffs and all(d is not None for d in diffs.values()):
-                errors = [d["stderr"] for d in diffs.values()]
-                mean = sum(d["diff"] for d in diffs.values()) / len(diffs)
-                stderr = math.sqrt(sum(e * e for e in errors)) / len(errors) if None not in errors else None
-                paired["average"] = {"diff": mean, "stderr": stderr,
-                                     "distinguishable": None if stderr is None else abs(mean) > 1.96 * stderr}
+            paired = paired_versus(_per_row(eval_dir, reference, tasks), _per_row(eval_dir, name, tasks),
+                                   {t: entry["tasks"][t] for t in tasks})
         mask = masks.get(name)
         rows.append({
             "name": name, "model": entry["model"], "num_layers": entry["num_layers"],

@@ -129,6 +129,10 @@ def main() -> None:
                         help="Do not score every contiguous window on the held-out text (L - n - 1 evaluations).")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.score_tail and not args.held_out_text:
+        parser.error("--score-tail adds --text's tail as a second held-out text next to --held-out-text; without "
+                     "--held-out-text every mask is already scored on that tail. Drop --score-tail or add "
+                     "--held-out-text TEXT.")
 
     from transformers import AutoTokenizer
 

