@@ -19,6 +19,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
 from lit_prune import hf
+from lit_prune.data import CalibrationSampling, calibration_indices
 from lit_prune.hf import Dtype
 from lit_prune.metrics import TokenPerplexity, shifted_token_nll
 from lit_prune.stages.distributed import (
@@ -64,6 +65,17 @@ def save_gated_as_pruned(stage: PruneStage, out_dir: str, overwrite: bool = Fals
     artifact = stage.mask_artifact()
     stage.gating.remove()
     save_pruned(stage.model, artifact, out_dir, tokenizer=hf.load_tokenizer(stage.pretrained), overwrite=overwrite)
+
+
+def calibration_batches(
+    trainer: L.Trainer, num_batches: int, sampling: CalibrationSampling, device: torch.device
+) -> list[Tensor]:
+    """``num_batches`` batches of training blocks picked by ``sampling`` (:func:`lit_prune.data.calibration_indices`)
+    and collated as the training loader does; the same on every rank and resume (no RNG)."""
+    loader = trainer.train_dataloader
+    dataset, size = loader.dataset, loader.batch_size or 1
+    rows = [dataset[i] for i in calibration_indices(len(dataset), num_batches * size, sampling)]
+    return [loader.collate_fn(rows[i : i + size])["input_ids"].to(device) for i in range(0, len(rows), size)]
 
 
 def strip_frozen_model(checkpoint: dict[str, Any]) -> None:

@@ -1,8 +1,9 @@
 """Baseline: training-free layer selection in the same harness as the searches (same data, same mask.json).
 
-``fit`` collects ``calibration_batches`` training batches, then the chosen scorer selects the layers to drop when
-training ends, and ``ModelExport`` writes the mask exactly as it does for CLP and E3. Scorers (pure torch) live in
-``lit_prune.components.scorers``:
+``fit`` takes ``calibration_batches`` batches of training blocks (by default spread over the whole training set by
+the rule ``MaskSearch`` calibrates with: with ``calibration_batches`` equal to the search's ``importance_batches``
+both see the same tokens), then the chosen scorer selects the layers to drop when training ends, and ``ModelExport`` writes the mask exactly as it
+does for CLP and E3. Scorers (pure torch) live in ``lit_prune.components.scorers``:
 
 =================  =========================================================================================
 block_influence    ShortGPT: drop the layers whose output is most similar to their input (lowest BI)
@@ -30,9 +31,16 @@ from lit_prune.components.gating import LayerGating
 from lit_prune.components.mask_io import MaskArtifact
 from lit_prune.components.scorers import SCORERS, LayerSelection, candidate_layers, score
 from lit_prune.hf import Dtype
-from lit_prune.stages.base import PruneStage, num_drop_from, save_gated_as_pruned, strip_frozen_model
+from lit_prune.stages.base import (
+    PruneStage,
+    calibration_batches,
+    num_drop_from,
+    save_gated_as_pruned,
+    strip_frozen_model,
+)
 
 BaselineMethod = Literal["block_influence", "angular", "sleb", "tail", "random", "window_scan", "kl_importance"]
+BaselineCalibration = Literal["spread", "first", "shuffled"]
 
 
 class Baseline(PruneStage):
@@ -44,6 +52,9 @@ class Baseline(PruneStage):
         ratio: Fraction of decoder layers to drop (``round(ratio * num_layers)``); or set ``num_drop``.
         num_drop: Number of decoder layers to drop; overrides ``ratio``.
         calibration_batches: Training batches the scorer sees.
+        calibration: Which training blocks form them: ``spread`` (default; evenly spaced over the training set in
+            dataset order, the blocks ``MaskSearch(calibration="spread")`` calibrates on), ``first`` (the first
+            blocks) or ``shuffled`` (the first batches of the shuffled training loader, as before 2026-12-02).
         protect_first: Never drop this many first layers.
         protect_last: Never drop this many last layers.
         seed: Seed of the ``random`` baseline.
@@ -58,6 +69,7 @@ class Baseline(PruneStage):
         ratio: float | None = 0.25,
         num_drop: int | None = None,
         calibration_batches: int = 4,
+        calibration: BaselineCalibration = "spread",
         protect_first: int = 1,
         protect_last: int = 1,
         seed: int = 0,
@@ -72,8 +84,10 @@ class Baseline(PruneStage):
         candidate_layers(self.num_layers, self.num_drop, protect_first, protect_last)  # raises before weights load
         if calibration_batches < 1:
             raise ValueError(f"`model.init_args.calibration_batches` must be >= 1, got {calibration_batches}.")
+        check_choice(calibration, BaselineCalibration, "model.init_args.calibration")
         self.method = method
         self.calibration_batches = calibration_batches
+        self.calibration = calibration
         self.protect_first, self.protect_last, self.seed = protect_first, protect_last, seed
         self.automatic_optimization = False
         self.batches: list[Tensor] = []
@@ -89,8 +103,11 @@ class Baseline(PruneStage):
         return None
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self.batches.append(batch["input_ids"])
-        if len(self.batches) >= self.calibration_batches:
+        if self.calibration == "shuffled":
+            self.batches.append(batch["input_ids"])
+        else:
+            self.batches = calibration_batches(self.trainer, self.calibration_batches, self.calibration, self.device)
+        if self.calibration != "shuffled" or len(self.batches) >= self.calibration_batches:
             self.trainer.should_stop = True
 
     def on_train_end(self) -> None:
@@ -116,7 +133,8 @@ class Baseline(PruneStage):
     def mask_artifact(self) -> MaskArtifact:
         if self.selection is None:
             raise RuntimeError("Baseline has not selected layers yet: run `fit` so it sees calibration batches.")
-        extra: dict[str, Any] = {"calibration_batches": len(self.batches), "details": _jsonable(self.selection.details)}
+        extra: dict[str, Any] = {"calibration_batches": len(self.batches), "calibration": self.calibration,
+                                 "details": _jsonable(self.selection.details)}
         return MaskArtifact(
             model=canonical_model_id(self.pretrained), num_layers=self.num_layers, drop=self.selection.drop,
             method=self.method, scores=self.selection.scores, extra=extra,

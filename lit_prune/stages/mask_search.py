@@ -43,10 +43,16 @@ from lit_prune.components.refine import (
     swap_search,
 )
 from lit_prune.components.scorers import _window_starts, candidate_layers
-from lit_prune.data import CalibrationSampling, calibration_indices
+from lit_prune.data import CalibrationSampling
 from lit_prune.hf import Dtype, meta_model
 from lit_prune.metrics import TokenPerplexity
-from lit_prune.stages.base import PruneStage, num_drop_from, save_gated_as_pruned, strip_frozen_model
+from lit_prune.stages.base import (
+    PruneStage,
+    calibration_batches,
+    num_drop_from,
+    save_gated_as_pruned,
+    strip_frozen_model,
+)
 from lit_prune.stages.distributed import (
     average_across_ranks,
     broadcast_from_rank0_,
@@ -335,13 +341,8 @@ class MaskSearch(PruneStage):
         self.print(f"KL importance per layer: {[round(v, 4) for v in importance]}")
 
     def _calibration_batches(self) -> list[Tensor]:
-        """``importance_batches`` batches of training blocks chosen by ``calibration``: the same on every rank and
-        resume."""
-        loader = self.trainer.train_dataloader
-        dataset, size = loader.dataset, loader.batch_size or 1
-        rows = [dataset[i] for i in calibration_indices(len(dataset), self.importance_batches * size, self.calibration)]
-        count = len(rows)
-        return [loader.collate_fn(rows[i : i + size])["input_ids"].to(self.device) for i in range(0, count, size)]
+        """``importance_batches`` batches of training blocks chosen by ``calibration``."""
+        return calibration_batches(self.trainer, self.importance_batches, self.calibration, self.device)
 
     def _candidates(self) -> list[int]:
         return candidate_layers(self.num_layers, self.num_drop, self.gate.protect_first, self.gate.protect_last)
