@@ -2,8 +2,9 @@
 
 ``fit`` takes ``calibration_batches`` batches of training blocks (by default spread over the whole training set by
 the rule ``MaskSearch`` calibrates with: with ``calibration_batches`` equal to the search's ``importance_batches``
-both see the same tokens), then the chosen scorer selects the layers to drop when training ends, and ``ModelExport`` writes the mask exactly as it
-does for CLP and E3. Scorers (pure torch) live in ``lit_prune.components.scorers``:
+both see the same tokens), then the chosen scorer selects the layers to drop when training ends, and
+``ModelExport`` writes the mask exactly as it does for CLP and E3. Scorers (pure torch) live in
+``lit_prune.components.scorers``:
 
 =================  =========================================================================================
 block_influence    ShortGPT: drop the layers whose output is most similar to their input (lowest BI)
@@ -105,9 +106,9 @@ class Baseline(PruneStage):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         if self.calibration == "shuffled":
             self.batches.append(batch["input_ids"])
-        else:
+            self.trainer.should_stop = len(self.batches) >= self.calibration_batches
+        else:  # one step: the blocks come from the dataset in its own order, not from the loader
             self.batches = calibration_batches(self.trainer, self.calibration_batches, self.calibration, self.device)
-        if self.calibration != "shuffled" or len(self.batches) >= self.calibration_batches:
             self.trainer.should_stop = True
 
     def on_train_end(self) -> None:
