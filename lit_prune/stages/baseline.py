@@ -31,6 +31,7 @@ from lit_prune.components.checks import check_choice
 from lit_prune.components.gating import LayerGating
 from lit_prune.components.mask_io import MaskArtifact
 from lit_prune.components.scorers import SCORERS, LayerSelection, candidate_layers, score
+from lit_prune.data import CalibrationSampling
 from lit_prune.hf import Dtype
 from lit_prune.stages.base import (
     PruneStage,
@@ -41,7 +42,7 @@ from lit_prune.stages.base import (
 )
 
 BaselineMethod = Literal["block_influence", "angular", "sleb", "tail", "random", "window_scan", "kl_importance"]
-BaselineCalibration = Literal["spread", "first", "shuffled"]
+BaselineCalibration = Literal[CalibrationSampling, "shuffled"]  # MaskSearch's rules, plus the loader's own order
 
 
 class Baseline(PruneStage):
